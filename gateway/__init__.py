@@ -1,0 +1,1 @@
+"""modelarts-gateway: a local OpenAI-style gateway in front of Huawei Cloud ModelArts."""
