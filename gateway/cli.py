@@ -1,0 +1,117 @@
+"""Command line: ``serve`` (the default), ``check`` and ``demo``.
+
+The only place that turns errors into exit codes: 0 success or a clean stop on SIGTERM/SIGINT,
+2 a bad config or bad arguments, 1 anything else that stops start-up (e.g. the port is taken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from gateway.config import ConfigError, Settings, load_config
+from gateway.log import setup_logging
+
+COMMANDS = ("serve", "check", "demo")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelarts-gateway",
+        description="OpenAI-style local gateway for Huawei Cloud ModelArts online services.",
+    )
+    sub = parser.add_subparsers(dest="command")
+
+    def logging_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        p.add_argument("--log-format", default="text", choices=["text", "json"])
+
+    serve = sub.add_parser("serve", help="run the gateway (the default command)")
+    serve.add_argument("--config", required=True, help="YAML config file")
+    serve.add_argument("--host", help="listen address (overrides listen.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    logging_flags(serve)
+
+    check = sub.add_parser("check", help="validate a config file: exit 0, or list problems, exit 2")
+    check.add_argument("--config", required=True, help="YAML config file")
+
+    demo = sub.add_parser("demo", help="run against an embedded fake IAM and model service")
+    demo.add_argument("--host", default="127.0.0.1", help="gateway listen address")
+    demo.add_argument("--port", type=int, default=8080, help="gateway listen port")
+    logging_flags(demo)
+    return parser
+
+
+def _load(path: str) -> Settings | None:
+    try:
+        return load_config(path, os.environ)
+    except ConfigError as exc:
+        print(f"modelarts-gateway: invalid config {path}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help"):
+        args_list.insert(0, "serve")  # `modelarts-gateway --config FILE` means serve
+    args = _parser().parse_args(args_list)
+
+    if args.command == "check":
+        settings = _load(args.config)
+        if settings is None:
+            return 2
+        print(
+            f"{args.config}: OK ({len(settings.routes)} route(s), "
+            f"{len(settings.credentials)} credential(s))"
+        )
+        return 0
+
+    if args.command == "demo":
+        from gateway.demo import run_demo
+
+        setup_logging(args.log_level, args.log_format)
+        return _run(run_demo(args.host, args.port))
+
+    if args.command != "serve":
+        _parser().print_help(sys.stderr)
+        return 2
+    settings = _load(args.config)
+    if settings is None:
+        return 2
+    listen = settings.listen
+    if args.host is not None:
+        listen = dataclasses.replace(listen, host=args.host)
+    if args.port is not None:
+        listen = dataclasses.replace(listen, port=args.port)
+    settings = dataclasses.replace(settings, listen=listen)
+    setup_logging(args.log_level, args.log_format)
+
+    from gateway.app import serve
+
+    return _run(serve(settings))
+
+
+def _runner() -> Callable[[Coroutine[Any, Any, None]], None]:
+    try:
+        import uvloop  # optional extra: a faster event loop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> int:
+    try:
+        _runner()(coro)
+    except OSError as exc:
+        print(f"modelarts-gateway: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

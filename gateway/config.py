@@ -1,0 +1,473 @@
+"""Configuration: YAML → ``${VAR}`` expansion → units → validation → frozen dataclasses.
+
+Loading is pure: no logging, no ``sys.exit``. Every problem is collected with its dotted key
+(``routes[0].upstream: ...``) so ``check`` can print them all at once; ``load_config`` raises a
+single :class:`ConfigError` carrying the list.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yarl import URL
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Secret:
+    """A string that never shows itself in repr, str, f-strings or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+# --- typed settings -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-phase upstream timeouts in seconds (0 = off for idle/total)."""
+
+    connect: float = 5.0
+    first_byte: float = 120.0
+    idle: float = 60.0
+    total: float = 1800.0
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    path: str
+    upstream: URL
+    credential: str
+    models: tuple[str, ...] = ()
+    max_body: int = 8 * 1024 * 1024
+    max_concurrency: int = 64
+    heartbeat: float = 15.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True)
+class IamPasswordCredential:
+    name: str
+    iam_url: URL
+    domain: str
+    user: str
+    password: Secret
+    project: str | None
+    project_id: str | None
+    refresh_margin: float = 300.0
+
+
+@dataclass(frozen=True)
+class StaticTokenCredential:
+    name: str
+    token: Secret
+
+
+@dataclass(frozen=True)
+class NoCredential:
+    name: str
+
+
+CredentialConfig = IamPasswordCredential | StaticTokenCredential | NoCredential
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: Listen
+    credentials: Mapping[str, CredentialConfig]
+    routes: tuple[Route, ...]
+
+
+# --- units ------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|k|K|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "k": 1024,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30, '500ms', '30s' or '5m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration like 30, '500ms', '30s' or '5m', got {value!r}")
+    if seconds < 0:
+        raise ValueError("must not be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from a number or a string like ``"8MiB"``, ``"512KiB"``, ``"1MB"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 1048576 or '8MiB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    else:
+        raise ValueError(f"expected a size like 1048576 or '8MiB', got {value!r}")
+    if size < 0:
+        raise ValueError("must not be negative")
+    return size
+
+
+# --- ${VAR} expansion -----------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, key: str, environ: Mapping[str, str], problems: list[str]) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
+    if isinstance(value, dict):
+        return {k: _expand(v, _join(key, str(k)), environ, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{key}[{i}]", environ, problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def substitute(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        problems.append(f"{key}: environment variable {name} is not set")
+        return ""
+
+    return _VAR.sub(substitute, value)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+# --- validation helpers -------------------------------------------------------------------
+
+
+class _Section:
+    """A mapping being read: remembers which keys were used so unknown keys can be reported."""
+
+    def __init__(self, raw: object, key: str, problems: list[str]) -> None:
+        self.key = key
+        self.problems = problems
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            problems.append(f"{key or 'config'}: must be a mapping")
+            raw = {}
+        self.raw: dict[str, Any] = raw
+        self.used: set[str] = set()
+
+    def sub(self, name: str) -> str:
+        return _join(self.key, name)
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append(f"{self.sub(name)}: {message}")
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.used.add(name)
+        return self.raw.get(name, default)
+
+    def has(self, name: str) -> bool:
+        return name in self.raw
+
+    def string(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+        value = self.get(name)
+        if value is None:
+            if required:
+                self.problem(name, "is required")
+            return default or ""
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            self.problem(name, "must be a string")
+            return default or ""
+        text = str(value)
+        if required and not text:
+            self.problem(name, "must not be empty")
+        return text
+
+    def convert(self, name: str, default: Any, parse: Callable[[object], Any]) -> Any:
+        value = self.get(name)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.problem(name, str(exc))
+            return default
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)  # from ${VAR} expansion
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(name, "must be a whole number")
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            self.problem(name, f"must be >= {minimum}{upper}")
+            return default
+        return value
+
+    def finish(self) -> None:
+        for name in self.raw:
+            if name not in self.used:
+                self.problems.append(f"{self.sub(str(name))}: unknown key")
+
+
+def _url(section: _Section, name: str) -> URL:
+    text = section.string(name, required=True)
+    if not text:
+        return URL()
+    try:
+        url = URL(text)
+    except ValueError as exc:
+        section.problem(name, f"not a valid URL ({exc})")
+        return URL()
+    if url.scheme not in ("http", "https") or not url.host:
+        section.problem(name, "must be an http:// or https:// URL with a host")
+    elif url.query_string or url.fragment:
+        section.problem(name, "must not have a query or fragment")
+    return url
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+def _parse_listen(raw: object, problems: list[str]) -> Listen:
+    s = _Section(raw, "listen", problems)
+    listen = Listen(
+        host=s.string("host", "127.0.0.1") or "127.0.0.1",
+        port=s.integer("port", 8080, 0, 65535),
+    )
+    s.finish()
+    return listen
+
+
+def _parse_iam_password(s: _Section, name: str) -> CredentialConfig:
+    project = s.string("project") or None
+    project_id = s.string("project_id") or None
+    if project and project_id:
+        s.problem("project", "give either project or project_id, not both")
+    if not project and not project_id:
+        s.problem("project", "is required (a project name such as cn-southwest-2, or project_id)")
+    margin = s.convert("refresh_margin", 300.0, parse_duration)
+    return IamPasswordCredential(
+        name=name,
+        iam_url=_url(s, "iam_url"),
+        domain=s.string("domain", required=True),
+        user=s.string("user", required=True),
+        password=Secret(s.string("password", required=True)),
+        project=project,
+        project_id=project_id,
+        refresh_margin=margin,
+    )
+
+
+def _parse_token(s: _Section, name: str) -> CredentialConfig:
+    return StaticTokenCredential(name=name, token=Secret(s.string("token", required=True)))
+
+
+def _parse_none(s: _Section, name: str) -> CredentialConfig:
+    return NoCredential(name=name)
+
+
+CREDENTIAL_TYPES: dict[str, Callable[[_Section, str], CredentialConfig]] = {
+    "iam_password": _parse_iam_password,
+    "token": _parse_token,
+    "none": _parse_none,
+}
+
+
+def _parse_credentials(raw: object, problems: list[str]) -> dict[str, CredentialConfig]:
+    top = _Section(raw, "credentials", problems)
+    result: dict[str, CredentialConfig] = {}
+    for name in list(top.raw):
+        top.used.add(name)
+        s = _Section(top.raw[name], top.sub(str(name)), problems)
+        kind = s.string("type", required=True)
+        parser = CREDENTIAL_TYPES.get(kind)
+        if parser is None:
+            if kind:
+                s.problem("type", f"unknown type {kind!r} (one of: {', '.join(CREDENTIAL_TYPES)})")
+            continue
+        result[str(name)] = parser(s, str(name))
+        s.finish()
+    return result
+
+
+def _parse_timeouts(raw: object, key: str, problems: list[str]) -> Timeouts:
+    s = _Section(raw, key, problems)
+    d = Timeouts()
+    t = Timeouts(
+        connect=s.convert("connect", d.connect, parse_duration),
+        first_byte=s.convert("first_byte", d.first_byte, parse_duration),
+        idle=s.convert("idle", d.idle, parse_duration),
+        total=s.convert("total", d.total, parse_duration),
+    )
+    for name in ("connect", "first_byte"):
+        if s.has(name) and getattr(t, name) <= 0:
+            s.problem(name, "must be > 0")
+    s.finish()
+    return t
+
+
+def _parse_route(
+    raw: object, key: str, credentials: Mapping[str, object], problems: list[str]
+) -> Route:
+    s = _Section(raw, key, problems)
+    name = s.string("name", required=True)
+    path = s.string("path", "/v1")
+    if not path.startswith("/"):
+        s.problem("path", "must start with /")
+    path = "/" + path.strip("/") if path.strip("/") else "/"
+    credential = s.string("credential", required=True)
+    if credential and credential not in credentials:
+        known = ", ".join(credentials) or "none defined"
+        s.problem("credential", f"no credential named {credential!r} (known: {known})")
+    models_raw = s.get("models", [])
+    models: tuple[str, ...] = ()
+    if not isinstance(models_raw, list) or not all(isinstance(m, str) and m for m in models_raw):
+        s.problem("models", "must be a list of model names")
+    else:
+        models = tuple(models_raw)
+    route = Route(
+        name=name,
+        path=path,
+        upstream=_url(s, "upstream"),
+        credential=credential,
+        models=models,
+        max_body=s.convert("max_body", 8 * 1024 * 1024, parse_size),
+        max_concurrency=s.integer("max_concurrency", 64, 1),
+        heartbeat=s.convert("heartbeat", 15.0, parse_duration),
+        timeouts=_parse_timeouts(s.get("timeouts"), s.sub("timeouts"), problems),
+    )
+    s.finish()
+    return route
+
+
+def _parse_routes(
+    raw: object, credentials: Mapping[str, object], problems: list[str]
+) -> tuple[Route, ...]:
+    if raw is None:
+        problems.append("routes: at least one route is required")
+        return ()
+    if not isinstance(raw, list) or not raw:
+        problems.append("routes: must be a non-empty list")
+        return ()
+    routes = tuple(
+        _parse_route(item, f"routes[{i}]", credentials, problems) for i, item in enumerate(raw)
+    )
+    seen: set[str] = set()
+    for i, route in enumerate(routes):
+        if route.name and route.name in seen:
+            problems.append(f"routes[{i}].name: duplicate route name {route.name!r}")
+        seen.add(route.name)
+    by_path: dict[str, list[int]] = {}
+    for i, route in enumerate(routes):
+        by_path.setdefault(route.path, []).append(i)
+    for indexes in by_path.values():
+        fallbacks = [i for i in indexes if not routes[i].models]
+        if len(fallbacks) > 1:
+            problems.append(
+                f"routes[{fallbacks[1]}].models: routes on path {routes[fallbacks[1]].path!r} "
+                "share it, so each but one must list its models"
+            )
+        claimed: dict[str, int] = {}
+        for i in indexes:
+            for model in routes[i].models:
+                if model in claimed:
+                    problems.append(
+                        f"routes[{i}].models: model {model!r} is already served by "
+                        f"routes[{claimed[model]}] on the same path"
+                    )
+                claimed[model] = i
+    return routes
+
+
+def parse_settings(raw: object, environ: Mapping[str, str]) -> Settings:
+    """Validate an already-parsed YAML document; raises :class:`ConfigError`."""
+    problems: list[str] = []
+    expanded = _expand(raw, "", environ, problems)
+    top = _Section(expanded, "", problems)
+    listen = _parse_listen(top.get("listen"), problems)
+    credentials = _parse_credentials(top.get("credentials"), problems)
+    routes = _parse_routes(top.get("routes"), credentials, problems)
+    top.finish()
+    if problems:
+        raise ConfigError(problems)
+    return Settings(listen=listen, credentials=credentials, routes=routes)
+
+
+def load_config(path: str | Path, environ: Mapping[str, str]) -> Settings:
+    """Read, expand and validate a YAML config file; raises :class:`ConfigError`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read ({exc.strerror or exc})"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}"]) from None
+    return parse_settings(raw, environ)

@@ -1,0 +1,44 @@
+"""What every credential source looks like to the upstream client.
+
+``apply`` gets the whole outgoing request rather than returning a token, so sources that sign the
+method, path, headers and body fit the same slot as sources that add one header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from multidict import CIMultiDict
+from yarl import URL
+
+
+@dataclass
+class Outgoing:
+    """A request about to go upstream; credentials are applied to it last."""
+
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+    body: bytes
+    # What apply() used (e.g. the token), so invalidate() drops exactly that one.
+    credential_state: object = field(default=None, repr=False)
+
+
+class Credential(Protocol):
+    name: str
+
+    async def apply(self, outgoing: Outgoing) -> None:
+        """Add authentication to ``outgoing``; raise CredentialUnavailable when it cannot."""
+
+    def invalidate(self, outgoing: Outgoing) -> bool:
+        """The upstream refused what ``apply`` added: forget it; True if a retry can help."""
+
+    def ready(self) -> str | None:
+        """None when a request could be authenticated now, else a reason (no secrets)."""
+
+    async def start(self) -> None:
+        """Begin background work (e.g. fetch a first token)."""
+
+    async def close(self) -> None:
+        """Stop background work."""

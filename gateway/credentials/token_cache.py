@@ -1,0 +1,180 @@
+"""A cached, expiring token with one fetch in flight, background refresh and back-off.
+
+Rules (IAM tokens live 24 h; IAM locks an account after repeated wrong passwords):
+- one fetch serves every concurrent caller (single flight);
+- from ``expires_at - refresh_margin`` on, callers keep getting the old token while a
+  background fetch runs;
+- expiry is judged by the wall clock at each use, so a laptop that slept past expiry does not
+  keep using a dead token;
+- a failed fetch sets a back-off window during which no fetch is attempted and callers without
+  a usable token fail fast; a rejected identity (HTTP 401/403 from IAM) backs off for minutes,
+  never retried in a tight loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gateway.errors import CredentialUnavailable
+
+log = logging.getLogger("gateway.credentials")
+
+# Back-off after a transient failure (IAM down, 5xx, timeout) and after a rejection (401/403).
+TRANSIENT_BACKOFF = (1.0, 300.0)
+REJECTED_BACKOFF = (60.0, 3600.0)
+# A token is not handed out in its last seconds: a request could outlive it.
+EXPIRY_SAFETY = 30.0
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    expires_at: float  # wall clock (epoch seconds)
+    project: str = ""  # what it is scoped to, for diagnostics
+
+
+class FetchFailed(Exception):
+    """A fetch failed: ``reason`` is safe to show; ``rejected``: IAM refused the identity."""
+
+    def __init__(self, reason: str, *, rejected: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.rejected = rejected
+
+
+RefreshListener = Callable[[str, str, float | None], None]  # (credential, result, expires_at)
+
+
+class TokenCache:
+    def __init__(
+        self,
+        name: str,
+        fetch: Callable[[], Awaitable[Token]],
+        *,
+        refresh_margin: float,
+        on_refresh: RefreshListener | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self._fetch = fetch
+        self._margin = refresh_margin
+        self._on_refresh = on_refresh
+        self._now = wall_clock
+        self._token: Token | None = None
+        self._flight: asyncio.Task[Token] | None = None
+        self._failures = 0
+        self._retry_at = 0.0  # monotonic
+        self._last_error = ""
+
+    @property
+    def token(self) -> Token | None:
+        return self._token
+
+    def usable(self) -> Token | None:
+        token = self._token
+        if token is None:
+            return None
+        if self._now() >= token.expires_at - min(EXPIRY_SAFETY, self._margin):
+            return None
+        return token
+
+    async def get(self) -> Token:
+        """A token usable now, fetching one (or joining the fetch under way) when needed."""
+        token = self.usable()
+        if token is not None:
+            if self._now() >= token.expires_at - self._margin:
+                self._start_fetch()  # refresh in the background; the old token still serves
+            return token
+        flight = self._start_fetch()
+        if flight is None:
+            wait = max(0.0, self._retry_at - time.monotonic())
+            raise CredentialUnavailable(
+                f"credential {self.name!r} has no token: {self._last_error}; "
+                f"next attempt in {wait:.0f} s"
+            )
+        try:
+            # shield: one caller going away must not cancel the fetch the others wait on
+            return await asyncio.shield(flight)
+        except FetchFailed as exc:
+            raise CredentialUnavailable(
+                f"credential {self.name!r} has no token: {exc.reason}"
+            ) from None
+
+    def prefetch(self) -> None:
+        """Start a fetch now if none is under way and no back-off is in force."""
+        self._start_fetch()
+
+    def invalidate(self, value: str) -> None:
+        """Forget ``value`` if it is still the cached token (concurrent 401s drop it once)."""
+        if self._token is not None and self._token.value == value:
+            self._token = None
+
+    def ready(self) -> str | None:
+        if self.usable() is not None:
+            return None
+        if self._last_error:
+            return f"credential {self.name!r}: {self._last_error}"
+        return f"credential {self.name!r}: no token yet"
+
+    def _start_fetch(self) -> asyncio.Task[Token] | None:
+        if self._flight is not None:
+            return self._flight
+        if time.monotonic() < self._retry_at:
+            return None
+        self._flight = asyncio.get_running_loop().create_task(self._run_fetch())
+        self._flight.add_done_callback(self._fetch_done)
+        return self._flight
+
+    async def _run_fetch(self) -> Token:
+        try:
+            token = await self._fetch()
+        except FetchFailed as exc:
+            self._failed(exc.reason, exc.rejected)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in a fetcher must not leave the cache stuck
+            log.exception("credential %r: unexpected error fetching a token", self.name)
+            self._failed(f"unexpected {type(exc).__name__}", False)
+            raise FetchFailed(f"unexpected {type(exc).__name__}") from None
+        self._token = token
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error = ""
+        log.info(
+            "credential %r: new token, expires in %.0f s",
+            self.name,
+            token.expires_at - self._now(),
+        )
+        if self._on_refresh:
+            self._on_refresh(self.name, "ok", token.expires_at)
+        return token
+
+    def _failed(self, reason: str, rejected: bool) -> None:
+        self._failures += 1
+        base, cap = REJECTED_BACKOFF if rejected else TRANSIENT_BACKOFF
+        delay = min(cap, base * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        self._last_error = reason
+        log.warning(
+            "credential %r: token fetch failed (%s); next attempt in %.0f s",
+            self.name,
+            reason,
+            delay,
+        )
+        if self._on_refresh:
+            self._on_refresh(self.name, "rejected" if rejected else "error", None)
+
+    def _fetch_done(self, task: asyncio.Task[Token]) -> None:
+        self._flight = None
+        if not task.cancelled():
+            task.exception()  # retrieved here so a background failure is not reported as lost
+
+    async def close(self) -> None:
+        if self._flight is not None:
+            self._flight.cancel()
+            await asyncio.gather(self._flight, return_exceptions=True)

@@ -1,0 +1,115 @@
+"""Every error a client can see, each fixing its HTTP status and OpenAI-style type and code.
+
+    GatewayError
+    ├── ClientError                   4xx: the request itself is at fault
+    │   ├── BadRequest                400 invalid_json / missing_model
+    │   ├── Unauthorized              401 invalid_api_key
+    │   ├── Forbidden                 403 model_not_allowed / origin_not_allowed / host_not_allowed
+    │   ├── NotFound                  404 route_not_found / model_not_found
+    │   ├── PayloadTooLarge           413 request_too_large
+    │   └── TooManyRequests           429 concurrency_limit
+    └── UpstreamError                 5xx: the gateway could not get an answer
+        ├── CredentialUnavailable     502 credential_unavailable (IAM down, wrong password, ...)
+        ├── UpstreamAuthRejected      502 upstream_auth_rejected (a fresh token was refused too)
+        ├── UpstreamUnreachable       502 upstream_unreachable
+        ├── UpstreamTimeout           504 upstream_timeout (no response headers within first_byte)
+        └── ServiceUnavailable        503 draining
+
+Messages are fixed text written here or by the raiser; they never carry a header value, a body,
+a token or a password. Details for operators go to the log, keyed by request id.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def body(self) -> bytes:
+        """The OpenAI-shaped JSON error body."""
+        return error_body(self.message, self.type, self.code)
+
+
+def error_body(message: str, type_: str, code: str) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    ).encode()
+
+
+class ClientError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class BadRequest(ClientError):
+    status = 400
+    code = "invalid_json"
+
+
+class Unauthorized(ClientError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ClientError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "route_not_found"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class TooManyRequests(ClientError):
+    status = 429
+    type = "rate_limit_error"
+    code = "concurrency_limit"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class CredentialUnavailable(UpstreamError):
+    code = "credential_unavailable"
+
+
+class UpstreamAuthRejected(UpstreamError):
+    code = "upstream_auth_rejected"
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout"
+    code = "upstream_timeout"
+
+
+class ServiceUnavailable(UpstreamError):
+    status = 503
+    type = "server_error"
+    code = "draining"

@@ -1,0 +1,284 @@
+"""The proxy handler: the only module that knows the order of the stages.
+
+path check 400 → route 404 → body ≤ max_body 413 → model 400/404 → concurrency 429
+→ credential 502 → upstream (connect, first_byte 504, 401 replay once) 502/504
+→ response headers → relay chunk by chunk → metrics and access log
+finally: release the concurrency slot, close the upstream response
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+
+from gateway import log as gwlog
+from gateway.config import Route, Settings
+from gateway.credentials import Credential, Outgoing
+from gateway.errors import BadRequest, GatewayError
+from gateway.headers import client_response_headers, upstream_request_headers
+from gateway.limits import ConcurrencyLimit, read_body, too_large
+from gateway.metrics import Metrics
+from gateway.relay import Relay
+from gateway.routing import PathGroup, Router
+from gateway.upstream import MAX_ERROR_BODY, apig_error, send, upstream_url
+
+log = logging.getLogger("gateway.proxy")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+CLIENT_GONE = 499  # nginx's convention, for logs and metrics only
+
+
+def request_id_of(request: web.Request) -> str:
+    """The client's X-Request-Id when it is a sane token, else a fresh one."""
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def error_response(err: GatewayError, rid: str) -> web.Response:
+    headers = {"X-Request-Id": rid}
+    if err.status == 429:
+        headers["Retry-After"] = "1"
+    return web.Response(
+        status=err.status, body=err.body(), content_type="application/json", headers=headers
+    )
+
+
+def check_path(raw_path: str) -> None:
+    """Refuse dot-segments: joined to the upstream URL they could climb out of the service."""
+    path = raw_path.split("?", 1)[0]
+    for segment in path.split("/"):
+        if segment in (".", "..") or unquote(segment) in (".", ".."):
+            raise BadRequest("the path must not contain '.' or '..' segments", code="invalid_path")
+
+
+def model_of(body: bytes) -> str | None:
+    """The body's ``model`` field; None when there is no body or no such field."""
+    if not body.strip():
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = data.get("model")
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        raise BadRequest('"model" must be a string', code="invalid_model")
+    return model
+
+
+@dataclass
+class Exchange:
+    """What one request did, for the access log and metrics."""
+
+    rid: str
+    start: float
+    route: str = "-"
+    key: str = "-"
+    status: int = 0
+    ttfb: float | None = None
+    bytes: int = 0
+    end: str = "-"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        credentials: Mapping[str, Credential],
+        metrics: Metrics,
+    ) -> None:
+        self.router = Router(settings.routes)
+        self.session = session
+        self.credentials = credentials
+        self.metrics = metrics
+        self.limits = {
+            r.name: ConcurrencyLimit(r.max_concurrency, f"route {r.name!r}")
+            for r in settings.routes
+        }
+        self.relays: set[Relay] = set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        ex = Exchange(rid=request_id_of(request), start=loop.time())
+        gwlog.request_id.set(ex.rid)
+        try:
+            response = await self._handle(request, ex)
+        except GatewayError as err:
+            ex.status = err.status
+            if ex.ttfb is None:  # refused by the gateway, not answered by the upstream
+                self.metrics.rejected.labels(ex.route, err.code).inc()
+            if err.status >= 500:
+                log.warning("%s: %s", err.code, err.message)
+            response = error_response(err, ex.rid)
+        except asyncio.CancelledError:
+            ex.status = CLIENT_GONE
+            if ex.end == "-":
+                ex.end = "client_gone"
+            self._finish(request, ex, loop.time())
+            raise
+        self._finish(request, ex, loop.time())
+        return response
+
+    def _finish(self, request: web.Request, ex: Exchange, now: float) -> None:
+        duration = now - ex.start
+        m = self.metrics
+        m.requests.labels(ex.route, str(ex.status)).inc()
+        if ex.route != "-":
+            m.duration.labels(ex.route).observe(duration)
+        gwlog.access(
+            request_id=ex.rid,
+            key=ex.key,
+            method=request.method,
+            path=request.path[:200],
+            route=ex.route,
+            status=ex.status,
+            duration_ms=round(duration * 1000, 1),
+            ttfb_ms=round(ex.ttfb * 1000, 1) if ex.ttfb is not None else "-",
+            bytes=ex.bytes,
+            end=ex.end,
+        )
+
+    async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        check_path(request.raw_path)
+        group = self.router.match(request.path)
+        route, body = await self._select(request, group, ex)
+        limit = self.limits[route.name]
+        limit.acquire()
+        try:
+            return await self._forward(request, route, body, ex)
+        finally:
+            limit.release()
+
+    async def _select(
+        self, request: web.Request, group: PathGroup, ex: Exchange
+    ) -> tuple[Route, bytes]:
+        """The route for this request and its body (read within the route's max_body)."""
+        if not group.needs_model:
+            route = group.routes[0]
+            ex.route = route.name
+            return route, await read_body(request, route.max_body)
+        if len(group.routes) == 1:
+            ex.route = group.routes[0].name
+        body = await read_body(request, max(r.max_body for r in group.routes))
+        route = group.select(model_of(body))
+        ex.route = route.name
+        if len(body) > route.max_body:
+            raise too_large(len(body), route.max_body)
+        return route, body
+
+    async def _forward(
+        self, request: web.Request, route: Route, body: bytes, ex: Exchange
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        total = route.timeouts.total
+        deadline = ex.start + total if total else loop.time() + 10 * 365 * 86400.0
+        outgoing = Outgoing(
+            method=request.method,
+            url=upstream_url(route, request.raw_path),
+            headers=upstream_request_headers(request.headers),
+            body=body,
+        )
+        outgoing.headers["X-Request-Id"] = ex.rid
+        upstream = await send(
+            self.session, route, self.credentials[route.credential], outgoing, deadline
+        )
+        try:
+            ex.ttfb = loop.time() - ex.start
+            self.metrics.ttfb.labels(route.name).observe(ex.ttfb)
+            ex.status = upstream.status
+            reshaped = await self._small_error(upstream)
+            if reshaped is not None:
+                return reshaped
+            return await self._relay(request, route, upstream, ex, deadline if total else None)
+        finally:
+            upstream.close()
+
+    async def _small_error(self, upstream: aiohttp.ClientResponse) -> web.Response | None:
+        """An upstream error in APIG's shape, re-shaped for OpenAI clients; else None."""
+        length = upstream.content_length
+        if upstream.status < 400 or length is None or length > MAX_ERROR_BODY:
+            return None
+        if "json" not in upstream.content_type:
+            return None
+        body = await upstream.content.read()
+        err = apig_error(upstream.status, body)
+        headers = client_response_headers(upstream.headers)
+        if err is None:
+            return web.Response(status=upstream.status, body=body, headers=headers)
+        del headers["Content-Type"]
+        return web.Response(
+            status=upstream.status,
+            body=err.body(),
+            headers=headers,
+            content_type="application/json",
+        )
+
+    async def _relay(
+        self,
+        request: web.Request,
+        route: Route,
+        upstream: aiohttp.ClientResponse,
+        ex: Exchange,
+        deadline: float | None,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=client_response_headers(upstream.headers),
+        )
+        response.headers["X-Request-Id"] = ex.rid
+        sse = upstream.content_type == "text/event-stream"
+        if sse:
+            response.headers["Cache-Control"] = "no-cache"
+            response.headers["X-Accel-Buffering"] = "no"
+        elif upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+
+        transport = request.transport
+        metrics = self.metrics
+        relay = Relay(
+            upstream.content,
+            response.write,
+            transport.abort if transport is not None else _noop,
+            sse=sse,
+            stats=metrics.chunk_stats(route.name),
+            idle=route.timeouts.idle,
+            deadline=deadline,
+            heartbeat=route.heartbeat,
+            on_heartbeat=metrics.heartbeats.labels(route.name).inc,
+        )
+        active = metrics.active_streams.labels(route.name)
+        active.inc()
+        self.relays.add(relay)
+        try:
+            ex.end = "client_gone"
+            ex.end = await relay.run()
+        finally:
+            self.relays.discard(relay)
+            active.dec()
+            ex.bytes = relay.bytes
+            metrics.stream_end.labels(route.name, ex.end).inc()
+        if ex.end == "client_gone":
+            ex.status = CLIENT_GONE
+        elif ex.end != "done":
+            log.warning("stream ended early: %s", ex.end)
+        return response
+
+
+def _noop() -> None:
+    pass

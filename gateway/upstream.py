@@ -1,0 +1,128 @@
+"""Sending one request upstream: credentials last, per-phase timeouts, one replay after a 401.
+
+This is the one boundary where aiohttp and asyncio exceptions become GatewayErrors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import aiohttp
+from yarl import URL
+
+from gateway.config import Route
+from gateway.credentials import Credential, Outgoing
+from gateway.errors import (
+    GatewayError,
+    UpstreamAuthRejected,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+
+log = logging.getLogger("gateway.upstream")
+
+# aiohttp would otherwise add its own Accept, Accept-Encoding, User-Agent and (for a bytes body)
+# Content-Type: application/octet-stream. The client's own headers pass through instead.
+SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+# A small upstream error body is read whole so an APIG-shaped error can be re-shaped.
+MAX_ERROR_BODY = 64 * 1024
+
+
+def upstream_url(route: Route, raw_path: str) -> URL:
+    """The route's upstream plus the request's full path and query, as received."""
+    return URL(str(route.upstream).rstrip("/") + raw_path, encoded=True)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    route: Route,
+    credential: Credential,
+    outgoing: Outgoing,
+    deadline: float,
+) -> aiohttp.ClientResponse:
+    """Response headers from the upstream, replaying once with a fresh credential after a 401.
+
+    ``deadline`` is the loop time by which the whole exchange must be over (``total``).
+    """
+    await credential.apply(outgoing)
+    response = await _attempt(session, route, outgoing, deadline)
+    if response.status != 401:
+        return response
+    response.close()
+    if credential.invalidate(outgoing):
+        log.info(
+            "upstream answered 401 for route %r; refreshing credential %r and replaying",
+            route.name,
+            credential.name,
+        )
+        await credential.apply(outgoing)
+        response = await _attempt(session, route, outgoing, deadline)
+        if response.status != 401:
+            return response
+        response.close()
+    raise UpstreamAuthRejected(f"the upstream refused credential {credential.name!r} (HTTP 401)")
+
+
+async def _attempt(
+    session: aiohttp.ClientSession, route: Route, outgoing: Outgoing, deadline: float
+) -> aiohttp.ClientResponse:
+    t = route.timeouts
+    loop = asyncio.get_running_loop()
+    remaining = deadline - loop.time() if t.total else t.first_byte
+    wait = min(t.first_byte, remaining)
+    if wait <= 0:
+        raise UpstreamTimeout("the request used up its total time", code="upstream_total_timeout")
+    try:
+        async with asyncio.timeout(wait):
+            return await session.request(
+                outgoing.method,
+                outgoing.url,
+                headers=outgoing.headers,
+                data=outgoing.body or None,
+                allow_redirects=False,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=None),
+            )
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamTimeout(
+            f"could not connect to the upstream within {t.connect:g} s",
+            code="upstream_connect_timeout",
+        ) from None
+    except TimeoutError:
+        if wait < t.first_byte:
+            raise UpstreamTimeout(
+                "the request used up its total time before the upstream answered",
+                code="upstream_total_timeout",
+            ) from None
+        raise UpstreamTimeout(
+            f"the upstream sent no response headers within {t.first_byte:g} s"
+        ) from None
+    except aiohttp.ClientConnectorError as exc:
+        log.warning("route %r: cannot connect to upstream: %s", route.name, type(exc).__name__)
+        raise UpstreamUnreachable("the upstream is unreachable") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        log.warning("route %r: upstream request failed: %s", route.name, type(exc).__name__)
+        raise UpstreamUnreachable("the upstream closed the connection without answering") from None
+
+
+def apig_error(status: int, body: bytes) -> GatewayError | None:
+    """An APIG-shaped error (``{"error_code", "error_msg"}``) as an OpenAI-shaped one, else None.
+
+    ModelArts' API gateway answers its own failures (throttling, size limit, ...) in its own
+    shape; OpenAI clients show only ``error.message``, so its text is carried over.
+    """
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "error_code" not in data or "error" in data:
+        return None
+    err = GatewayError(
+        str(data.get("error_msg", "upstream error"))[:500], code=str(data["error_code"])[:64]
+    )
+    err.status = status
+    err.type = "upstream_error"
+    return err
