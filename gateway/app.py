@@ -82,10 +82,12 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     return app
 
 
-def make_runner(app: web.Application) -> web.AppRunner:
+def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.AppRunner:
     # handler_cancellation: a client that goes away cancels its handler, which closes the
     # upstream request at once (GPU time costs money). Our own access log replaces aiohttp's.
-    return web.AppRunner(app, handler_cancellation=True, access_log=None)
+    return web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
+    )
 
 
 async def serve(
