@@ -1,40 +1,32 @@
-"""Build the aiohttp application from settings, and run it until a signal says stop."""
+"""Build the aiohttp application from settings; serve it until a signal, then drain."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 
+from gateway import endpoints
 from gateway.config import Settings
-from gateway.credentials import Credential, build_credentials
-from gateway.endpoints import healthz, models_handler
+from gateway.credentials import build_credentials
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import Router
+from gateway.state import GATEWAY, METRICS, SETTINGS, Gateway
+from gateway.systemd import notify
+
+__all__ = ["GATEWAY", "METRICS", "build_app", "make_runner", "serve"]
 
 log = logging.getLogger("gateway")
 
-
-@dataclass
-class Gateway:
-    """Everything one running app owns; no module-level state, so apps never interfere."""
-
-    settings: Settings
-    metrics: Metrics
-    session: aiohttp.ClientSession
-    credentials: dict[str, Credential]
-    proxy: Proxy
-
-
-GATEWAY = web.AppKey("gateway", Gateway)
-SETTINGS = web.AppKey("settings", Settings)
-METRICS = web.AppKey("metrics", Metrics)
+# After shutdown_grace, streams get their `event: error` (code "shutdown"); this long is left
+# for those last writes before connections are closed.
+FINAL_WRITE_GRACE = 2.0
 
 
 def _connector(settings: Settings) -> aiohttp.TCPConnector:
@@ -74,15 +66,16 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     app[SETTINGS] = settings
     app[METRICS] = metrics if metrics is not None else Metrics()
     app.cleanup_ctx.append(_lifecycle)
-    router = Router(settings.routes)
-    app.router.add_get("/healthz", healthz)
-    if router.models():
-        app.router.add_get("/v1/models", models_handler(router))
+    app.router.add_get("/healthz", endpoints.healthz)
+    app.router.add_get("/readyz", endpoints.readyz)
+    app.router.add_get("/metrics", endpoints.metrics)
+    if Router(settings.routes).models():
+        app.router.add_get("/v1/models", endpoints.models)
     app.router.add_route("*", "/{tail:.*}", _proxy)
     return app
 
 
-def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.AppRunner:
+def make_runner(app: web.Application, shutdown_timeout: float = FINAL_WRITE_GRACE) -> web.AppRunner:
     # handler_cancellation: a client that goes away cancels its handler, which closes the
     # upstream request at once (GPU time costs money). Our own access log replaces aiohttp's.
     return web.AppRunner(
@@ -90,34 +83,72 @@ def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.App
     )
 
 
+async def drain(runner: web.AppRunner, grace: float, hurry: asyncio.Event) -> None:
+    """Stop like a good citizen: not ready, no new connections, let streams finish, then stop.
+
+    Streams still open after ``grace`` (or at a second signal) end with an ``event: error``
+    whose code is ``shutdown``, so a client can tell the cut from a clean end.
+    """
+    proxy = runner.app[GATEWAY].proxy
+    proxy.draining = True
+    for site in list(runner.sites):
+        await site.stop()
+    if proxy.in_flight:
+        log.info("draining %d request(s), for up to %g s", proxy.in_flight, grace)
+        waiters = [asyncio.ensure_future(proxy.idle.wait()), asyncio.ensure_future(hurry.wait())]
+        await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+    if proxy.relays:
+        log.info("ending %d stream(s) still open", len(proxy.relays))
+        for relay in list(proxy.relays):
+            relay.stop("shutdown")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FINAL_WRITE_GRACE):
+                await proxy.idle.wait()
+    await runner.cleanup()
+
+
 async def serve(
     settings: Settings,
     *,
-    started: Callable[[list[str]], Awaitable[None] | None] | None = None,
+    notify_socket: str | None = None,
+    started: Callable[[list[str]], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then clean up and return (the CLI exits 0)."""
+    """Serve until SIGTERM or SIGINT, drain, and return (the CLI then exits 0)."""
     app = build_app(settings)
     runner = make_runner(app)
     await runner.setup()
-    stop = asyncio.Event()
+    signals = 0
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        (stop if signals == 1 else hurry).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
-        site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
-        await site.start()
+        try:
+            site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         addresses = [_address(s) for s in runner.addresses]
         log.info("serving on %s", ", ".join(addresses))
+        notify(notify_socket, "READY=1")
         if started is not None:
-            result = started(addresses)
-            if result is not None:
-                await result
+            started(addresses)
         await stop.wait()
         log.info("stopping")
+        notify(notify_socket, "STOPPING=1")
+        await drain(runner, settings.listen.shutdown_grace, hurry)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
 
 
 def _address(sockname: object) -> str:

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from gateway.config import ConfigError, Settings, load_config
+from gateway.config import ConfigError, Settings, check_exposure, load_config
 from gateway.log import setup_logging
 
-COMMANDS = ("serve", "check", "demo")
+COMMANDS = ("serve", "check", "demo", "hash-key")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a config file: exit 0, or list problems, exit 2")
     check.add_argument("--config", required=True, help="YAML config file")
+
+    hashk = sub.add_parser(
+        "hash-key", help="print the sha256 form of an API key for listen.api_keys"
+    )
+    hashk.add_argument(
+        "key", nargs="?", help="the key (read from standard input when omitted, safer)"
+    )
 
     demo = sub.add_parser("demo", help="run against an embedded fake IAM and model service")
     demo.add_argument("--host", default="127.0.0.1", help="gateway listen address")
@@ -73,6 +80,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
 
+    if args.command == "hash-key":
+        from gateway.auth import hash_key
+
+        key = args.key if args.key is not None else sys.stdin.readline().strip()
+        if not key:
+            print("modelarts-gateway: hash-key: no key given", file=sys.stderr)
+            return 2
+        print(hash_key(key))
+        return 0
+
     if args.command == "demo":
         from gateway.demo import run_demo
 
@@ -90,12 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         listen = dataclasses.replace(listen, host=args.host)
     if args.port is not None:
         listen = dataclasses.replace(listen, port=args.port)
+    exposure = check_exposure(listen)
+    if exposure:
+        print(f"modelarts-gateway: refusing to start: {exposure}", file=sys.stderr)
+        return 2
     settings = dataclasses.replace(settings, listen=listen)
     setup_logging(args.log_level, args.log_format)
 
     from gateway.app import serve
 
-    return _run(serve(settings))
+    return _run(serve(settings, notify_socket=os.environ.get("NOTIFY_SOCKET")))
 
 
 def _runner() -> Callable[[Coroutine[Any, Any, None]], None]:

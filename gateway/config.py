@@ -7,6 +7,8 @@ single :class:`ConfigError` carrying the list.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -102,9 +104,38 @@ CredentialConfig = IamPasswordCredential | StaticTokenCredential | NoCredential
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    """A downstream client's key, kept only as its SHA-256 digest."""
+
+    name: str
+    sha256: bytes = field(repr=False)
+    max_concurrency: int | None = None
+    models: tuple[str, ...] | None = None  # None: every model
+
+
+@dataclass(frozen=True)
 class Listen:
     host: str = "127.0.0.1"
     port: int = 8080
+    api_keys: tuple[ApiKey, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    allow_unauthenticated_remote: bool = False
+    shutdown_grace: float = 30.0
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -291,14 +322,84 @@ def _url(section: _Section, name: str) -> URL:
 # --- sections ---------------------------------------------------------------------------------
 
 
+def _string_list(s: _Section, name: str) -> tuple[str, ...]:
+    value = s.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        s.problem(name, "must be a list of non-empty strings")
+        return ()
+    return tuple(value)
+
+
+def _parse_api_key(raw: object, key: str, problems: list[str]) -> ApiKey | None:
+    s = _Section(raw, key, problems)
+    name = s.string("name", required=True)
+    plain = s.string("key")
+    digest_hex = s.string("sha256").lower()
+    digest = b""
+    if plain and digest_hex:
+        s.problem("key", "give either key or sha256, not both")
+    elif plain:
+        digest = hashlib.sha256(plain.encode()).digest()
+    elif digest_hex:
+        if not re.fullmatch(r"[0-9a-f]{64}", digest_hex):
+            s.problem("sha256", "must be 64 hex digits (modelarts-gateway hash-key prints it)")
+        else:
+            digest = bytes.fromhex(digest_hex)
+    else:
+        s.problem("key", "is required (or sha256)")
+    max_concurrency = s.integer("max_concurrency", 0, 1) if s.has("max_concurrency") else None
+    models = _string_list(s, "models") if s.has("models") else None
+    s.finish()
+    if not name or not digest:
+        return None
+    return ApiKey(name, digest, max_concurrency or None, models)
+
+
 def _parse_listen(raw: object, problems: list[str]) -> Listen:
     s = _Section(raw, "listen", problems)
+    keys_raw = s.get("api_keys", [])
+    keys: list[ApiKey] = []
+    if not isinstance(keys_raw, list):
+        s.problem("api_keys", "must be a list of {name, key} or {name, sha256}")
+    else:
+        for i, item in enumerate(keys_raw):
+            parsed = _parse_api_key(item, f"listen.api_keys[{i}]", problems)
+            if parsed is None:
+                continue
+            if any(k.name == parsed.name for k in keys):
+                problems.append(f"listen.api_keys[{i}].name: duplicate key name {parsed.name!r}")
+            if any(k.sha256 == parsed.sha256 for k in keys):
+                problems.append(f"listen.api_keys[{i}]: the same key is listed twice")
+            keys.append(parsed)
+    allow_remote = s.get("allow_unauthenticated_remote", False)
+    if not isinstance(allow_remote, bool):
+        s.problem("allow_unauthenticated_remote", "must be true or false")
+        allow_remote = False
     listen = Listen(
         host=s.string("host", "127.0.0.1") or "127.0.0.1",
         port=s.integer("port", 8080, 0, 65535),
+        api_keys=tuple(keys),
+        allowed_hosts=tuple(h.lower() for h in _string_list(s, "allowed_hosts")),
+        allowed_origins=tuple(o.rstrip("/") for o in _string_list(s, "allowed_origins")),
+        allow_unauthenticated_remote=allow_remote,
+        shutdown_grace=s.convert("shutdown_grace", 30.0, parse_duration),
     )
     s.finish()
     return listen
+
+
+def check_exposure(listen: Listen) -> str | None:
+    """Why this listen address must not start as configured, or None.
+
+    Checked after ``--host`` overrides too, so the CLI calls it on the final settings.
+    """
+    if listen.is_loopback or listen.api_keys or listen.allow_unauthenticated_remote:
+        return None
+    return (
+        f"listen.host: {listen.host!r} is reachable from other machines and listen.api_keys "
+        "is empty: anyone who can reach it would use your cloud token. Add listen.api_keys, "
+        "or set listen.allow_unauthenticated_remote: true if that is really intended"
+    )
 
 
 def _parse_iam_password(s: _Section, name: str) -> CredentialConfig:
@@ -451,6 +552,9 @@ def parse_settings(raw: object, environ: Mapping[str, str]) -> Settings:
     credentials = _parse_credentials(top.get("credentials"), problems)
     routes = _parse_routes(top.get("routes"), credentials, problems)
     top.finish()
+    exposure = check_exposure(listen)
+    if exposure:
+        problems.append(exposure)
     if problems:
         raise ConfigError(problems)
     return Settings(listen=listen, credentials=credentials, routes=routes)

@@ -19,7 +19,8 @@ def demo_settings(cloud: FakeCloud, host: str, port: int) -> Settings:
     """Gateway settings pointing at the fakes, built through the same validation as a file."""
     iam = cloud.iam
     raw = {
-        "listen": {"host": host, "port": port},
+        # the fakes hold no real credential, so the demo may listen beyond loopback (containers)
+        "listen": {"host": host, "port": port, "allow_unauthenticated_remote": True},
         "credentials": {
             "demo": {
                 "type": "iam_password",

@@ -1,13 +1,17 @@
-"""The gateway's own endpoints: liveness and the configured model list."""
+"""The gateway's own endpoints: liveness, readiness, metrics and the configured model list."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.routing import Router
+from gateway.errors import GatewayError
+from gateway.proxy import error_response, request_id_of
+from gateway.state import GATEWAY, METRICS
+
+_CREATED = int(time.time())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -15,18 +19,39 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def models_handler(router: Router) -> Callable[[web.Request], Awaitable[web.Response]]:
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 when every credential can authenticate a request now; 503 otherwise."""
+    gw = request.app[GATEWAY]
+    if gw.proxy.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    problems = [p for c in gw.credentials.values() if (p := c.ready()) is not None]
+    if problems:
+        return web.json_response({"status": "not ready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text from the app's own registry."""
+    response = web.Response(body=generate_latest(request.app[METRICS].registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
     """``GET /v1/models`` in the OpenAI list format, from the routes' ``models``."""
-    created = int(time.time())
+    proxy = request.app[GATEWAY].proxy
+    try:
+        key = proxy.guard.check(request)
+    except GatewayError as err:
+        return error_response(err, request_id_of(request))
+    names = proxy.router.models()
+    if key is not None and key.models is not None:
+        names = [m for m in names if m in key.models]
     body = {
         "object": "list",
         "data": [
-            {"id": m, "object": "model", "created": created, "owned_by": "modelarts"}
-            for m in router.models()
+            {"id": m, "object": "model", "created": _CREATED, "owned_by": "modelarts"}
+            for m in names
         ],
     }
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response(body)
-
-    return models
+    return web.json_response(body)

@@ -14,16 +14,23 @@ import logging
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
 
 from gateway import log as gwlog
-from gateway.config import Route, Settings
+from gateway.auth import Guard
+from gateway.config import ApiKey, Route, Settings
 from gateway.credentials import Credential, Outgoing
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 from gateway.headers import client_response_headers, upstream_request_headers
 from gateway.limits import ConcurrencyLimit, read_body, too_large
 from gateway.metrics import Metrics
@@ -50,6 +57,30 @@ def error_response(err: GatewayError, rid: str) -> web.Response:
     return web.Response(
         status=err.status, body=err.body(), content_type="application/json", headers=headers
     )
+
+
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
+)
+
+
+def add_cors(response: web.StreamResponse, origin: str) -> None:
+    """CORS headers for an allowed origin (``listen.allowed_origins``)."""
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+    response.headers.add("Vary", "Origin")
+
+
+def preflight(origin: str, request: web.Request) -> web.Response:
+    """The answer to a CORS preflight from an allowed origin."""
+    response = web.Response(status=204)
+    add_cors(response, origin)
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+        "Access-Control-Request-Headers", CORS_ALLOW_HEADERS
+    )
+    response.headers["Access-Control-Max-Age"] = "600"
+    return response
 
 
 def check_path(raw_path: str) -> None:
@@ -90,7 +121,7 @@ class Exchange:
     ttfb: float | None = None
     bytes: int = 0
     end: str = "-"
-    extra: dict[str, object] = field(default_factory=dict)
+    cors_origin: str | None = None
 
 
 class Proxy:
@@ -102,36 +133,57 @@ class Proxy:
         metrics: Metrics,
     ) -> None:
         self.router = Router(settings.routes)
+        self.guard = Guard(settings.listen)
         self.session = session
         self.credentials = credentials
         self.metrics = metrics
-        self.limits = {
+        self.route_limits = {
             r.name: ConcurrencyLimit(r.max_concurrency, f"route {r.name!r}")
             for r in settings.routes
         }
+        self.key_limits = {
+            k.name: ConcurrencyLimit(k.max_concurrency, f"API key {k.name!r}")
+            for k in settings.listen.api_keys
+            if k.max_concurrency
+        }
         self.relays: set[Relay] = set()
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         ex = Exchange(rid=request_id_of(request), start=loop.time())
         gwlog.request_id.set(ex.rid)
+        self.in_flight += 1
+        self.idle.clear()
         try:
-            response = await self._handle(request, ex)
-        except GatewayError as err:
-            ex.status = err.status
-            if ex.ttfb is None:  # refused by the gateway, not answered by the upstream
-                self.metrics.rejected.labels(ex.route, err.code).inc()
-            if err.status >= 500:
-                log.warning("%s: %s", err.code, err.message)
-            response = error_response(err, ex.rid)
-        except asyncio.CancelledError:
-            ex.status = CLIENT_GONE
-            if ex.end == "-":
-                ex.end = "client_gone"
+            try:
+                response = await self._handle(request, ex)
+            except GatewayError as err:
+                ex.status = err.status
+                if ex.ttfb is None:  # refused by the gateway, not answered by the upstream
+                    self.metrics.rejected.labels(ex.route, err.code).inc()
+                if err.status >= 500:
+                    log.warning("%s: %s", err.code, err.message)
+                response = error_response(err, ex.rid)
+                if ex.cors_origin:
+                    add_cors(response, ex.cors_origin)
+                if self.draining:
+                    response.force_close()
+            except asyncio.CancelledError:
+                ex.status = CLIENT_GONE
+                if ex.end == "-":
+                    ex.end = "client_gone"
+                self._finish(request, ex, loop.time())
+                raise
             self._finish(request, ex, loop.time())
-            raise
-        self._finish(request, ex, loop.time())
-        return response
+            return response
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
 
     def _finish(self, request: web.Request, ex: Exchange, now: float) -> None:
         duration = now - ex.start
@@ -139,6 +191,8 @@ class Proxy:
         m.requests.labels(ex.route, str(ex.status)).inc()
         if ex.route != "-":
             m.duration.labels(ex.route).observe(duration)
+        if ex.key != "-":
+            m.key_requests.labels(ex.key, str(ex.status)).inc()
         gwlog.access(
             request_id=ex.rid,
             key=ex.key,
@@ -153,28 +207,52 @@ class Proxy:
         )
 
     async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        key = self.guard.check(request)
+        ex.cors_origin = self.guard.allowed_origin(request)
+        if ex.cors_origin and request.method == "OPTIONS":
+            ex.status = 204
+            return preflight(ex.cors_origin, request)
+        if key is not None:
+            ex.key = key.name
+        if self.draining:
+            raise ServiceUnavailable("the gateway is shutting down; retry on another instance")
         check_path(request.raw_path)
         group = self.router.match(request.path)
-        route, body = await self._select(request, group, ex)
-        limit = self.limits[route.name]
-        limit.acquire()
+        route, body = await self._select(request, group, key, ex)
+        limits = [self.route_limits[route.name]]
+        if key is not None and key.name in self.key_limits:
+            limits.append(self.key_limits[key.name])
+        for i, limit in enumerate(limits):
+            try:
+                limit.acquire()
+            except TooManyRequests:
+                for taken in limits[:i]:
+                    taken.release()
+                raise
         try:
             return await self._forward(request, route, body, ex)
         finally:
-            limit.release()
+            for limit in limits:
+                limit.release()
 
     async def _select(
-        self, request: web.Request, group: PathGroup, ex: Exchange
+        self, request: web.Request, group: PathGroup, key: ApiKey | None, ex: Exchange
     ) -> tuple[Route, bytes]:
         """The route for this request and its body (read within the route's max_body)."""
-        if not group.needs_model:
+        restricted = key is not None and key.models is not None
+        if not group.needs_model and not restricted:
             route = group.routes[0]
             ex.route = route.name
             return route, await read_body(request, route.max_body)
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
         body = await read_body(request, max(r.max_body for r in group.routes))
-        route = group.select(model_of(body))
+        model = model_of(body)
+        if key is not None and key.models is not None and model not in key.models:
+            raise Forbidden(
+                f"API key {key.name!r} may not use this model", code="model_not_allowed"
+            )
+        route = group.select(model)
         ex.route = route.name
         if len(body) > route.max_body:
             raise too_large(len(body), route.max_body)
@@ -202,6 +280,9 @@ class Proxy:
             ex.status = upstream.status
             reshaped = await self._small_error(upstream)
             if reshaped is not None:
+                reshaped.headers["X-Request-Id"] = ex.rid
+                if ex.cors_origin:
+                    add_cors(reshaped, ex.cors_origin)
                 return reshaped
             return await self._relay(request, route, upstream, ex, deadline if total else None)
         finally:
@@ -241,6 +322,8 @@ class Proxy:
             headers=client_response_headers(upstream.headers),
         )
         response.headers["X-Request-Id"] = ex.rid
+        if ex.cors_origin:
+            add_cors(response, ex.cors_origin)
         sse = upstream.content_type == "text/event-stream"
         if sse:
             response.headers["Cache-Control"] = "no-cache"
