@@ -10,10 +10,14 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
 
 from gateway import endpoints
 from gateway.config import Settings
 from gateway.credentials import build_credentials
+from gateway.errors import error_body
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import Router
@@ -75,10 +79,47 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     return app
 
 
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's protocol handler, answering unparsable requests in our JSON error shape.
+
+    aiohttp's own 400 is text/plain and quotes the offending bytes back, which may be a header
+    line holding a credential; ours is fixed text.
+    """
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, None)  # logs (redacted) and may raise
+        text = "malformed HTTP request" if status < 500 else "internal error"
+        code = "bad_http_request" if status < 500 else "internal_error"
+        type_ = "invalid_request_error" if status < 500 else "server_error"
+        response = web.Response(
+            status=status, body=error_body(text, type_, code), content_type="application/json"
+        )
+        response.force_close()
+        return response
+
+
+class _Server(Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # same state, our protocol handler factory
+        return server
+
+
 def make_runner(app: web.Application, shutdown_timeout: float = FINAL_WRITE_GRACE) -> web.AppRunner:
     # handler_cancellation: a client that goes away cancels its handler, which closes the
     # upstream request at once (GPU time costs money). Our own access log replaces aiohttp's.
-    return web.AppRunner(
+    return _Runner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout
     )
 

@@ -76,6 +76,10 @@ class Guard:
             )
         if not self.keys:
             return None
+        if origin is not None and request.method == "OPTIONS":
+            # A CORS preflight (its Origin is allowed, checked above) never carries credentials
+            # (Fetch standard, "CORS-preflight request"); the proxy answers it, nothing goes on.
+            return None
         return self._key(request.headers.get("Authorization", ""))
 
     def _key(self, authorization: str) -> ApiKey:

@@ -249,7 +249,10 @@ class _Section:
         return _join(self.key, name)
 
     def problem(self, name: str, message: str) -> None:
-        self.problems.append(f"{self.sub(name)}: {message}")
+        prefix = f"{self.sub(name)}: "
+        if any(p.startswith(prefix) for p in self.problems):
+            return  # one problem per key (e.g. a missing ${VAR} is not also "empty")
+        self.problems.append(prefix + message)
 
     def get(self, name: str, default: Any = None) -> Any:
         self.used.add(name)

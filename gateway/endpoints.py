@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.errors import GatewayError
-from gateway.proxy import error_response, request_id_of
+from gateway.proxy import add_cors, error_response, request_id_of
 from gateway.state import GATEWAY, METRICS
 
 _CREATED = int(time.time())
@@ -40,10 +40,14 @@ async def metrics(request: web.Request) -> web.Response:
 async def models(request: web.Request) -> web.Response:
     """``GET /v1/models`` in the OpenAI list format, from the routes' ``models``."""
     proxy = request.app[GATEWAY].proxy
+    origin = proxy.guard.allowed_origin(request)
     try:
         key = proxy.guard.check(request)
     except GatewayError as err:
-        return error_response(err, request_id_of(request))
+        failed = error_response(err, request_id_of(request))
+        if origin is not None:
+            add_cors(failed, origin)
+        return failed
     names = proxy.router.models()
     if key is not None and key.models is not None:
         names = [m for m in names if m in key.models]
@@ -54,4 +58,7 @@ async def models(request: web.Request) -> web.Response:
             for m in names
         ],
     }
-    return web.json_response(body)
+    response = web.json_response(body)
+    if origin is not None:
+        add_cors(response, origin)
+    return response

@@ -207,8 +207,9 @@ class Proxy:
         )
 
     async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
-        key = self.guard.check(request)
+        # before check(): its 401/403 must be readable by an allowed origin's page too
         ex.cors_origin = self.guard.allowed_origin(request)
+        key = self.guard.check(request)
         if ex.cors_origin and request.method == "OPTIONS":
             ex.status = 204
             return preflight(ex.cors_origin, request)

@@ -17,6 +17,7 @@ from gateway.credentials import Credential, Outgoing
 from gateway.errors import (
     GatewayError,
     UpstreamAuthRejected,
+    UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -106,6 +107,34 @@ async def _attempt(
     except (aiohttp.ClientError, OSError) as exc:
         log.warning("route %r: upstream request failed: %s", route.name, type(exc).__name__)
         raise UpstreamUnreachable("the upstream closed the connection without answering") from None
+
+
+async def read_small_body(response: aiohttp.ClientResponse, route: Route, deadline: float) -> bytes:
+    """The whole body of a small upstream error, read before any header goes to the client.
+
+    Bounded by the route's ``idle`` and the ``total`` deadline like the relay, and translated
+    here, so an upstream that stalls or drops the connection mid-body becomes a 504 or 502 for
+    the client instead of a request that hangs for ever or an unhandled exception (aiohttp's
+    bare text/plain 500, without X-Request-Id).
+    """
+    loop = asyncio.get_running_loop()
+    idle = route.timeouts.idle
+    until_deadline = deadline - loop.time()
+    wait = min(idle, until_deadline) if idle else until_deadline
+    try:
+        async with asyncio.timeout(wait):
+            return await response.content.read()
+    except TimeoutError:
+        if loop.time() >= deadline:
+            raise UpstreamTimeout(
+                "the request used up its total time", code="upstream_total_timeout"
+            ) from None
+        raise UpstreamTimeout(
+            "the upstream sent nothing for too long", code="upstream_idle_timeout"
+        ) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        log.warning("route %r: upstream error body cut short: %s", route.name, type(exc).__name__)
+        raise UpstreamError("the upstream connection failed") from None
 
 
 def apig_error(status: int, body: bytes) -> GatewayError | None:

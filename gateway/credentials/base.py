@@ -19,8 +19,9 @@ class Outgoing:
 
     method: str
     url: URL
-    headers: CIMultiDict[str]
-    body: bytes
+    # not in repr: after apply() the headers hold the credential, and bodies are the client's
+    headers: CIMultiDict[str] = field(repr=False)
+    body: bytes = field(repr=False)
     # What apply() used (e.g. the token), so invalidate() drops exactly that one.
     credential_state: object = field(default=None, repr=False)
 

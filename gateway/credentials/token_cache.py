@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.errors import CredentialUnavailable
 
@@ -32,7 +32,7 @@ EXPIRY_SAFETY = 30.0
 
 @dataclass(frozen=True)
 class Token:
-    value: str
+    value: str = field(repr=False)  # a repr or traceback must not show the token
     expires_at: float  # wall clock (epoch seconds)
     project: str = ""  # what it is scoped to, for diagnostics
 

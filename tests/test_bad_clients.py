@@ -1,0 +1,175 @@
+"""Slow and malformed clients get a 4xx or a closed connection, and never block anyone else."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from conftest import RunningGateway, chat_body
+from yarl import URL
+
+
+async def connect(gw: RunningGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    url = URL(gw.url)
+    return await asyncio.open_connection(url.host, url.port)
+
+
+async def read_response(reader: asyncio.StreamReader) -> int | None:
+    """The status of the one response on the connection, or None if it was closed without one."""
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    await asyncio.wait_for(reader.readexactly(length), 3)
+    return int(lines[0].split()[1])
+
+
+async def send_raw(gw: RunningGateway, data: bytes) -> int | None:
+    """Send ``data`` as is and return the answer's status (None: connection closed)."""
+    reader, writer = await connect(gw)
+    try:
+        try:
+            writer.write(data)
+            await writer.drain()
+        except ConnectionError:
+            pass  # the server may close before it has read everything: that is allowed
+        return await read_response(reader)
+    finally:
+        writer.close()
+
+
+def host(gw: RunningGateway) -> bytes:
+    return URL(gw.url).authority.encode()
+
+
+async def still_serving(gw: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(gw.url + "/healthz") as resp:
+        assert resp.status == 200
+    async with http.post(gw.url + "/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+
+
+def is_4xx_or_closed(status: int | None) -> bool:
+    return status is None or 400 <= status < 500
+
+
+async def test_headers_trickling_in_do_not_block_other_clients(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: " + host(gateway) + b"\r\nConnection: close\r\n\r\n"
+    reader, writer = await connect(gateway)
+    started = asyncio.Event()
+
+    async def trickle() -> None:
+        for i, byte in enumerate(request[:20]):  # one byte every 50 ms for a second
+            writer.write(bytes([byte]))
+            await writer.drain()
+            if i == 1:
+                started.set()
+            await asyncio.sleep(0.05)
+        writer.write(request[20:])
+        await writer.drain()
+
+    slow = asyncio.create_task(trickle())
+    try:
+        await asyncio.wait_for(started.wait(), 1)
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        await still_serving(gateway, http)
+        assert loop.time() - begin < 0.5
+        assert not slow.done()  # the other client was served while this one was still typing
+        await slow
+        status = await read_response(reader)
+        assert status == 200 or is_4xx_or_closed(status)
+    finally:
+        slow.cancel()
+        writer.close()
+    await still_serving(gateway, http)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HELLO WORLD\r\n\r\n",
+        b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"\x00\x01\x02\x03\xff\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header Name: v\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["not-http", "bad-version", "binary", "bad-header-name", "negative-length", "smuggling"],
+)
+async def test_invalid_http_gets_4xx_or_closed(
+    gateway: RunningGateway, http: aiohttp.ClientSession, data: bytes
+) -> None:
+    assert is_4xx_or_closed(await send_raw(gateway, data))
+    await still_serving(gateway, http)
+
+
+async def test_huge_header_gets_4xx_or_closed(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    data = (
+        b"GET /healthz HTTP/1.1\r\nHost: "
+        + host(gateway)
+        + b"\r\nX-Big: "
+        + b"a" * 100_000
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+    assert is_4xx_or_closed(await send_raw(gateway, data))
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
+    data = b"GET /healthz HTTP/1.1\r\nHost: " + host(gateway) + b"\r\n" + many + b"\r\n"
+    assert is_4xx_or_closed(await send_raw(gateway, data))
+    await still_serving(gateway, http)
+
+
+@pytest.mark.parametrize(
+    "target", [b"/v1/\xff\xfe", b"/v1/chat/\xc3\x28", b"/v1/%ff%fe", b"/\xff", b"/v1/sse?q=\xff"]
+)
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+async def test_invalid_utf8_in_the_path_gets_4xx_and_the_gateway_keeps_serving(
+    gateway: RunningGateway, http: aiohttp.ClientSession, target: bytes, method: bytes
+) -> None:
+    data = (
+        method
+        + b" "
+        + target
+        + b" HTTP/1.1\r\nHost: "
+        + host(gateway)
+        + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    status = await send_raw(gateway, data)
+    assert is_4xx_or_closed(status), status
+    await still_serving(gateway, http)
+
+
+@pytest.mark.parametrize(
+    "bad_line",
+    [
+        b"Authorization: Bearer sk-client-secret-XYZ\x01",
+        b"Authorization Bearer sk-client-secret-XYZ",
+    ],
+    ids=["control-char", "no-colon"],
+)
+async def test_parse_error_answer_does_not_echo_the_raw_request(
+    gateway: RunningGateway, bad_line: bytes
+) -> None:
+    """aiohttp's own 400 quotes the offending request line: with it, a client's key."""
+    reader, writer = await connect(gateway)
+    try:
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + bad_line + b"\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 3)
+    finally:
+        writer.close()
+    assert answer.startswith((b"HTTP/1.0 4", b"HTTP/1.1 4")) or answer == b""
+    assert b"sk-client-secret-XYZ" not in answer
