@@ -7,8 +7,9 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway import log as gwlog
 from gateway.errors import GatewayError
-from gateway.proxy import add_cors, error_response, request_id_of
+from gateway.proxy import Exchange, add_cors, error_response, request_id_of
 from gateway.state import GATEWAY, METRICS
 
 _CREATED = int(time.time())
@@ -38,27 +39,37 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    """``GET /v1/models`` in the OpenAI list format, from the routes' ``models``."""
+    """``GET /v1/models`` in the OpenAI list format, from the routes' ``models``.
+
+    A client call like any other: one access-log line and the request metrics (route ``-``).
+    """
     proxy = request.app[GATEWAY].proxy
+    ex = Exchange(rid=request_id_of(request), start=time.monotonic())
+    gwlog.request_id.set(ex.rid)
     origin = proxy.guard.allowed_origin(request)
     try:
         key = proxy.guard.check(request)
     except GatewayError as err:
-        failed = error_response(err, request_id_of(request))
-        if origin is not None:
-            add_cors(failed, origin)
-        return failed
-    names = proxy.router.models()
-    if key is not None and key.models is not None:
-        names = [m for m in names if m in key.models]
-    body = {
-        "object": "list",
-        "data": [
-            {"id": m, "object": "model", "created": _CREATED, "owned_by": "modelarts"}
-            for m in names
-        ],
-    }
-    response = web.json_response(body)
+        proxy.metrics.rejected.labels(ex.route, err.code).inc()
+        response = error_response(err, ex.rid)
+    else:
+        ex.key = key.name if key is not None else "-"
+        names = proxy.router.models()
+        if key is not None and key.models is not None:
+            names = [m for m in names if m in key.models]
+        body = {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": _CREATED, "owned_by": "modelarts"}
+                for m in names
+            ],
+        }
+        response = web.json_response(body, headers={"X-Request-Id": ex.rid})
+        ex.bytes = response.content_length or 0
     if origin is not None:
         add_cors(response, origin)
+    ex.status = response.status
+    proxy._finish(
+        request, ex, time.monotonic()
+    )  # the same access line and metrics as proxied calls
     return response

@@ -15,6 +15,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from time import monotonic
 from urllib.parse import unquote
 
 import aiohttp
@@ -36,7 +37,7 @@ from gateway.limits import ConcurrencyLimit, read_body, too_large
 from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.routing import PathGroup, Router
-from gateway.upstream import MAX_ERROR_BODY, apig_error, send, upstream_url
+from gateway.upstream import MAX_ERROR_BODY, apig_error, read_small_body, send, upstream_url
 
 log = logging.getLogger("gateway.proxy")
 
@@ -153,8 +154,7 @@ class Proxy:
         self.idle.set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        ex = Exchange(rid=request_id_of(request), start=loop.time())
+        ex = Exchange(rid=request_id_of(request), start=monotonic())
         gwlog.request_id.set(ex.rid)
         self.in_flight += 1
         self.idle.clear()
@@ -176,9 +176,9 @@ class Proxy:
                 ex.status = CLIENT_GONE
                 if ex.end == "-":
                     ex.end = "client_gone"
-                self._finish(request, ex, loop.time())
+                self._finish(request, ex, monotonic())
                 raise
-            self._finish(request, ex, loop.time())
+            self._finish(request, ex, monotonic())
             return response
         finally:
             self.in_flight -= 1
@@ -262,9 +262,8 @@ class Proxy:
     async def _forward(
         self, request: web.Request, route: Route, body: bytes, ex: Exchange
     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
         total = route.timeouts.total
-        deadline = ex.start + total if total else loop.time() + 10 * 365 * 86400.0
+        deadline = ex.start + total if total else monotonic() + 10 * 365 * 86400.0
         outgoing = Outgoing(
             method=request.method,
             url=upstream_url(route, request.raw_path),
@@ -276,10 +275,10 @@ class Proxy:
             self.session, route, self.credentials[route.credential], outgoing, deadline
         )
         try:
-            ex.ttfb = loop.time() - ex.start
+            ex.ttfb = monotonic() - ex.start
             self.metrics.ttfb.labels(route.name).observe(ex.ttfb)
             ex.status = upstream.status
-            reshaped = await self._small_error(upstream)
+            reshaped = await self._small_error(upstream, route, deadline)
             if reshaped is not None:
                 reshaped.headers["X-Request-Id"] = ex.rid
                 if ex.cors_origin:
@@ -289,14 +288,16 @@ class Proxy:
         finally:
             upstream.close()
 
-    async def _small_error(self, upstream: aiohttp.ClientResponse) -> web.Response | None:
+    async def _small_error(
+        self, upstream: aiohttp.ClientResponse, route: Route, deadline: float
+    ) -> web.Response | None:
         """An upstream error in APIG's shape, re-shaped for OpenAI clients; else None."""
         length = upstream.content_length
         if upstream.status < 400 or length is None or length > MAX_ERROR_BODY:
             return None
         if "json" not in upstream.content_type:
             return None
-        body = await upstream.content.read()
+        body = await read_small_body(upstream, route, deadline)
         err = apig_error(upstream.status, body)
         headers = client_response_headers(upstream.headers)
         if err is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from time import monotonic
 
 import aiohttp
 
@@ -83,9 +84,8 @@ class Relay:
 
     async def run(self) -> str:
         """Relay until the upstream ends or something stops it; returns the end reason."""
-        loop = self._loop
         self._task = asyncio.current_task()
-        self._last = self._last_beat = loop.time()
+        self._last = self._last_beat = monotonic()
         self._arm(self._last)
         source, write, stats = self._source, self._write, self._stats
         gap = stats.gap
@@ -96,7 +96,7 @@ class Relay:
                 self._reading = False
                 if not chunk:
                     return "done"
-                now = loop.time()
+                now = monotonic()
                 gap(now - self._last)
                 size = len(chunk)
                 stats.bytes += size
@@ -150,7 +150,9 @@ class Relay:
         if self._heartbeat:
             when = min(when, max(self._last, self._last_beat) + self._heartbeat)
         if when != float("inf"):
-            self._timer = self._loop.call_at(max(when, now), self._on_timer)
+            # +1 ms: event-loop timers may round down (uvloop counts whole milliseconds), and a
+            # timer that fires early only re-arms itself
+            self._timer = self._loop.call_later(max(when - now, 0.0) + 0.001, self._on_timer)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -163,7 +165,7 @@ class Relay:
         self._timer = None
         if self._reason:
             return
-        now = self._loop.time()
+        now = monotonic()
         if self._deadline is not None and now >= self._deadline:
             self.stop("total_timeout")
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from time import monotonic
 
 import aiohttp
 from yarl import URL
@@ -71,8 +72,7 @@ async def _attempt(
     session: aiohttp.ClientSession, route: Route, outgoing: Outgoing, deadline: float
 ) -> aiohttp.ClientResponse:
     t = route.timeouts
-    loop = asyncio.get_running_loop()
-    remaining = deadline - loop.time() if t.total else t.first_byte
+    remaining = deadline - monotonic() if t.total else t.first_byte
     wait = min(t.first_byte, remaining)
     if wait <= 0:
         raise UpstreamTimeout("the request used up its total time", code="upstream_total_timeout")
@@ -117,15 +117,14 @@ async def read_small_body(response: aiohttp.ClientResponse, route: Route, deadli
     the client instead of a request that hangs for ever or an unhandled exception (aiohttp's
     bare text/plain 500, without X-Request-Id).
     """
-    loop = asyncio.get_running_loop()
     idle = route.timeouts.idle
-    until_deadline = deadline - loop.time()
+    until_deadline = deadline - monotonic()
     wait = min(idle, until_deadline) if idle else until_deadline
     try:
         async with asyncio.timeout(wait):
             return await response.content.read()
     except TimeoutError:
-        if loop.time() >= deadline:
+        if monotonic() >= deadline:
             raise UpstreamTimeout(
                 "the request used up its total time", code="upstream_total_timeout"
             ) from None
