@@ -467,3 +467,88 @@ def test_secrets_never_show_in_settings_repr(cloud: FakeCloud) -> None:
         a={"type": "app_aksk", "app_key": APP_KEY, "app_secret": APP_SECRET},
     )
     assert_no_secrets(repr(parse_settings(config, {})))
+
+
+# --- no secret anywhere ---------------------------------------------------------------------------
+
+TOKEN_PREFIX = "MIIatAYJKoZIhvcNAQcCoII"  # every token the fake IAM issues starts so
+
+
+@pytest.mark.parametrize(
+    ("accept", "refuse", "credential"),
+    [
+        ({"api_keys": {GW_KEY}}, {"api_keys": {"x"}}, {"type": "api_key", "key": GW_KEY}),
+        ({"app_codes": {APP_CODE}}, {"app_codes": {"x"}}, {"type": "app_code", "code": APP_CODE}),
+        (
+            {"aksk": {AK: SK}, "security_tokens": {AK: SECURITY_TOKEN}},
+            {"aksk": {AK: "x"}},
+            {"type": "aksk", "ak": AK, "sk": SK, "security_token": SECURITY_TOKEN},
+        ),
+        (
+            {"app_aksk": {APP_KEY: APP_SECRET}},
+            {"app_aksk": {APP_KEY: "x"}},
+            {"type": "app_aksk", "app_key": APP_KEY, "app_secret": APP_SECRET},
+        ),
+    ],
+)
+async def test_no_secret_in_logs_or_bodies_for_any_mode(
+    cloud: FakeCloud,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    captured_logs: pytest.LogCaptureFixture,
+    accept: dict[str, Any],
+    refuse: dict[str, Any],
+    credential: dict[str, Any],
+) -> None:
+    only(cloud, **accept)
+    gw = await make_gateway(use(credential))
+    bodies = []
+    for stream in (False, True):
+        status, body = await chat(http, gw.url, stream=stream, headers=CLIENT_CREDENTIALS)
+        assert status == 200
+        bodies.append(body)
+    only(cloud, **refuse)
+    status, body = await chat(http, gw.url, stream=False)
+    assert status == 502
+    bodies.append(body)
+    logs = log_text(captured_logs)
+    assert "access" in logs  # the access log did run at DEBUG
+    assert_no_secrets(logs, *bodies)
+    for value in CLIENT_CREDENTIALS.values():
+        assert value not in logs
+
+
+async def test_no_token_in_logs_or_bodies_for_password_and_agency(
+    cloud: FakeCloud,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    captured_logs: pytest.LogCaptureFixture,
+) -> None:
+    def edit(config: dict[str, Any]) -> None:
+        config["credentials"]["other"] = agency(cloud)
+        config["routes"].append(
+            {
+                "name": "other",
+                "path": "/v1",
+                "models": ["via-agency"],
+                "upstream": cloud.service_url,
+                "credential": "other",
+            }
+        )
+
+    gw = await make_gateway(edit)
+    for model in ("qwen2-7b", "via-agency"):
+        body_json = chat_body(True, model=model)
+        async with http.post(gw.url + "/v1/chat/completions", json=body_json) as resp:
+            assert resp.status == 200
+            assert TOKEN_PREFIX.encode() not in await resp.read()
+    assert cloud.iam.calls == 2
+    cloud.iam.revoke_all()
+    cloud.iam.failures = [401, 401, 401]
+    body_json = chat_body(False, model="via-agency")
+    async with http.post(gw.url + "/v1/chat/completions", json=body_json) as resp:
+        assert resp.status == 502
+        body = await resp.text()
+    logs = log_text(captured_logs)
+    assert TOKEN_PREFIX not in logs and TOKEN_PREFIX not in body
+    assert cloud.iam.password not in logs and cloud.iam.password not in body
