@@ -399,7 +399,6 @@ def _iam_scope(s: _Section) -> _IamScope:
         s.problem("region", f"not a region id like cn-southwest-2, got {region!r}")
         region = None
     if region and not s.has("iam_url"):
-        s.used.add("iam_url")
         iam_url = URL(f"https://iam.{region}.myhuaweicloud.com")
     else:
         iam_url = _url(s, "iam_url")
