@@ -477,7 +477,7 @@ def _parse_token(s: _Section, name: str) -> CredentialConfig:
     return StaticTokenCredential(name=name, token=Secret(s.string("token", required=True)))
 
 
-def _parse_api_key(s: _Section, name: str) -> CredentialConfig:
+def _parse_api_key_credential(s: _Section, name: str) -> CredentialConfig:
     return ApiKeyCredential(name=name, key=Secret(s.string("key", required=True)))
 
 
@@ -513,7 +513,7 @@ CREDENTIAL_TYPES: dict[str, Callable[[_Section, str], CredentialConfig]] = {
     "iam_password": _parse_iam_password,
     "token": _parse_token,
     "none": _parse_none,
-    "api_key": _parse_api_key,
+    "api_key": _parse_api_key_credential,
     "app_code": _parse_app_code,
     "aksk": _parse_aksk,
     "app_aksk": _parse_app_aksk,
