@@ -1,4 +1,4 @@
-"""Command line: ``serve`` (the default), ``check`` and ``demo``.
+"""Command line: ``serve`` (the default), ``check``, ``token`` and ``demo``.
 
 The only place that turns errors into exit codes: 0 success or a clean stop on SIGTERM/SIGINT,
 2 a bad config or bad arguments, 1 anything else that stops start-up (e.g. the port is taken).
@@ -17,7 +17,7 @@ from typing import Any
 from gateway.config import ConfigError, Settings, check_exposure, load_config
 from gateway.log import setup_logging
 
-COMMANDS = ("serve", "check", "demo", "hash-key")
+COMMANDS = ("serve", "check", "demo", "hash-key", "token")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     hashk.add_argument(
         "key", nargs="?", help="the key (read from standard input when omitted, safer)"
+    )
+
+    token = sub.add_parser(
+        "token", help="fetch a token with a configured credential; print its project and expiry"
+    )
+    token.add_argument("--config", required=True, help="YAML config file")
+    token.add_argument(
+        "--credential", help="credential name (default: every one that yields a token)"
+    )
+    token.add_argument(
+        "--show", action="store_true", help="also print the token itself (a secret: take care)"
     )
 
     demo = sub.add_parser("demo", help="run against an embedded fake IAM and model service")
@@ -89,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(hash_key(key))
         return 0
+    if args.command == "token":
+        return _token(args.config, args.credential, args.show)
 
     if args.command == "demo":
         from gateway.demo import run_demo
@@ -117,6 +130,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.app import serve
 
     return _run(serve(settings, notify_socket=os.environ.get("NOTIFY_SOCKET")))
+
+
+def _token(path: str, credential: str | None, show: bool) -> int:
+    from gateway.token_command import fetch_tokens, select
+
+    settings = _load(path)
+    if settings is None:
+        return 2
+    names, problem = select(settings, credential)
+    if problem is not None:
+        print(f"modelarts-gateway: token: {problem}", file=sys.stderr)
+        return 2
+    setup_logging("warning")  # cache-file and IAM warnings, on stderr
+    return asyncio.run(fetch_tokens(settings, names, show))
 
 
 def _runner() -> Callable[[Coroutine[Any, Any, None]], None]:

@@ -87,6 +87,8 @@ class IamPasswordCredential:
     project: str | None
     project_id: str | None
     refresh_margin: float = 300.0
+    region: str | None = None
+    cache_file: Path | None = None  # on-disk token cache (mode 0600)
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,83 @@ class StaticTokenCredential:
 
 
 @dataclass(frozen=True)
+class TokenFileCredential:
+    """``type: token`` with ``token_file``: re-read whenever the file changes."""
+
+    name: str
+    token_file: Path
+
+
+@dataclass(frozen=True)
 class NoCredential:
     name: str
 
 
-CredentialConfig = IamPasswordCredential | StaticTokenCredential | NoCredential
+@dataclass(frozen=True)
+class ApiKeyCredential:
+    """``Authorization: Bearer <key>`` (API-key online services, ModelArts MaaS)."""
+
+    name: str
+    key: Secret
+
+
+@dataclass(frozen=True)
+class AppCodeCredential:
+    """``X-Apig-AppCode: <code>`` (APIG app authentication, simple mode)."""
+
+    name: str
+    code: Secret
+
+
+@dataclass(frozen=True)
+class AkSkCredential:
+    """IAM access keys: every request signed with SDK-HMAC-SHA256."""
+
+    name: str
+    ak: str
+    sk: Secret
+    security_token: Secret | None = None  # temporary keys: sent (and signed) as X-Security-Token
+
+
+@dataclass(frozen=True)
+class AppAkSkCredential:
+    """APIG app authentication: AppKey/AppSecret, signed like ``aksk``."""
+
+    name: str
+    app_key: str
+    app_secret: Secret
+
+
+@dataclass(frozen=True)
+class AgencyCredential:
+    """A token for another account, through an agency (IAM ``assume_role``)."""
+
+    name: str
+    via: str  # the credential whose token authorises the assume_role request
+    iam_url: URL
+    domain_name: str | None
+    domain_id: str | None
+    agency_name: str
+    project: str | None
+    project_id: str | None
+    refresh_margin: float = 300.0
+    region: str | None = None
+    cache_file: Path | None = None
+
+
+CredentialConfig = (
+    IamPasswordCredential
+    | StaticTokenCredential
+    | TokenFileCredential
+    | NoCredential
+    | ApiKeyCredential
+    | AppCodeCredential
+    | AkSkCredential
+    | AppAkSkCredential
+    | AgencyCredential
+)
+# Types whose credential yields an IAM token, so an agency may use it as ``via``.
+TOKEN_CREDENTIAL_TYPES = ("iam_password", "agency", "token")
 
 
 @dataclass(frozen=True)
@@ -405,28 +479,134 @@ def check_exposure(listen: Listen) -> str | None:
     )
 
 
-def _parse_iam_password(s: _Section, name: str) -> CredentialConfig:
+# Huawei Cloud region ids: cn-southwest-2, ap-southeast-1, eu-west-101, ru-moscow-1, ...
+_REGION = re.compile(r"^[a-z]{2,}(?:-[a-z]+)+-\d+$")
+
+
+@dataclass(frozen=True)
+class _IamScope:
+    iam_url: URL
+    project: str | None
+    project_id: str | None
+    region: str | None
+
+
+def _iam_scope(s: _Section) -> _IamScope:
+    """``iam_url`` and the project scope; ``region`` alone implies both.
+
+    ``region: cn-southwest-2`` means ``iam_url: https://iam.cn-southwest-2.myhuaweicloud.com``
+    (the regional IAM endpoint, "Regions and Endpoints") and ``project: cn-southwest-2`` (each
+    region's default project is named after it); explicit keys win.
+    """
+    region = s.string("region") or None
+    if region and not _REGION.match(region):
+        s.problem("region", f"not a region id like cn-southwest-2, got {region!r}")
+        region = None
+    if region and not s.has("iam_url"):
+        iam_url = URL(f"https://iam.{region}.myhuaweicloud.com")
+    else:
+        iam_url = _url(s, "iam_url")
     project = s.string("project") or None
     project_id = s.string("project_id") or None
     if project and project_id:
         s.problem("project", "give either project or project_id, not both")
     if not project and not project_id:
-        s.problem("project", "is required (a project name such as cn-southwest-2, or project_id)")
+        if region:
+            project = region
+        else:
+            s.problem(
+                "project",
+                "is required (a project name such as cn-southwest-2, or project_id, or region)",
+            )
+    return _IamScope(iam_url, project, project_id, region)
+
+
+def _path(s: _Section, name: str) -> Path | None:
+    text = s.string(name)
+    if s.has(name) and not text:
+        s.problem(name, "must not be empty")
+    return Path(text) if text else None
+
+
+def _parse_iam_password(s: _Section, name: str) -> CredentialConfig:
+    scope = _iam_scope(s)
     margin = s.convert("refresh_margin", 300.0, parse_duration)
     return IamPasswordCredential(
         name=name,
-        iam_url=_url(s, "iam_url"),
+        iam_url=scope.iam_url,
         domain=s.string("domain", required=True),
         user=s.string("user", required=True),
         password=Secret(s.string("password", required=True)),
-        project=project,
-        project_id=project_id,
+        project=scope.project,
+        project_id=scope.project_id,
         refresh_margin=margin,
+        region=scope.region,
+        cache_file=_path(s, "cache_file"),
+    )
+
+
+def _parse_agency(s: _Section, name: str) -> CredentialConfig:
+    scope = _iam_scope(s)
+    domain_name = s.string("domain_name") or None
+    domain_id = s.string("domain_id") or None
+    if domain_name and domain_id:
+        s.problem("domain_name", "give either domain_name or domain_id, not both")
+    if not domain_name and not domain_id:
+        s.problem("domain_name", "is required (the delegating account's name, or domain_id)")
+    return AgencyCredential(
+        name=name,
+        via=s.string("via", required=True),
+        iam_url=scope.iam_url,
+        domain_name=domain_name,
+        domain_id=domain_id,
+        agency_name=s.string("agency_name", required=True),
+        project=scope.project,
+        project_id=scope.project_id,
+        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+        region=scope.region,
+        cache_file=_path(s, "cache_file"),
     )
 
 
 def _parse_token(s: _Section, name: str) -> CredentialConfig:
+    if s.has("token") and s.has("token_file"):
+        s.used.add("token")
+        s.problem("token", "give either token or token_file, not both")
+    path = _path(s, "token_file")
+    if path is not None:
+        return TokenFileCredential(name=name, token_file=path)
+    if not s.has("token"):
+        s.problem("token", "is required (or token_file)")
+        return StaticTokenCredential(name=name, token=Secret(""))
     return StaticTokenCredential(name=name, token=Secret(s.string("token", required=True)))
+
+
+def _parse_api_key_credential(s: _Section, name: str) -> CredentialConfig:
+    return ApiKeyCredential(name=name, key=Secret(s.string("key", required=True)))
+
+
+def _parse_app_code(s: _Section, name: str) -> CredentialConfig:
+    return AppCodeCredential(name=name, code=Secret(s.string("code", required=True)))
+
+
+def _parse_aksk(s: _Section, name: str) -> CredentialConfig:
+    token = s.string("security_token")
+    if s.has("security_token") and not token:
+        s.problem("security_token", "must not be empty (leave it out for permanent keys)")
+    return AkSkCredential(
+        name=name,
+        ak=s.string("ak", required=True),
+        sk=Secret(s.string("sk", required=True)),
+        security_token=Secret(token) if token else None,
+    )
+
+
+def _parse_app_aksk(s: _Section, name: str) -> CredentialConfig:
+    return AppAkSkCredential(
+        name=name,
+        app_key=s.string("app_key", required=True),
+        app_secret=Secret(s.string("app_secret", required=True)),
+    )
 
 
 def _parse_none(s: _Section, name: str) -> CredentialConfig:
@@ -437,6 +617,11 @@ CREDENTIAL_TYPES: dict[str, Callable[[_Section, str], CredentialConfig]] = {
     "iam_password": _parse_iam_password,
     "token": _parse_token,
     "none": _parse_none,
+    "api_key": _parse_api_key_credential,
+    "app_code": _parse_app_code,
+    "aksk": _parse_aksk,
+    "app_aksk": _parse_app_aksk,
+    "agency": _parse_agency,
 }
 
 
@@ -454,7 +639,38 @@ def _parse_credentials(raw: object, problems: list[str]) -> dict[str, Credential
             continue
         result[str(name)] = parser(s, str(name))
         s.finish()
+    _check_agencies(top, result)
     return result
+
+
+def _check_agencies(top: _Section, result: Mapping[str, CredentialConfig]) -> None:
+    """Each agency's ``via`` names another credential that yields an IAM token, with no loop."""
+    for name, cfg in result.items():
+        if not isinstance(cfg, AgencyCredential) or not cfg.via:
+            continue
+        key = f"{top.sub(name)}.via"
+        raw = top.raw.get(cfg.via)
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if cfg.via == name:
+            top.problems.append(f"{key}: must name another credential, not this one")
+        elif raw is None:
+            known = ", ".join(n for n in top.raw if n != name) or "none defined"
+            top.problems.append(f"{key}: no credential named {cfg.via!r} (known: {known})")
+        elif kind not in TOKEN_CREDENTIAL_TYPES:
+            top.problems.append(
+                f"{key}: credential {cfg.via!r} has type {kind!r}, which yields no IAM token "
+                f"(via needs one of: {', '.join(TOKEN_CREDENTIAL_TYPES)})"
+            )
+        else:
+            chain = [name]
+            current: CredentialConfig | None = cfg
+            while isinstance(current, AgencyCredential) and current.via in result:
+                if current.via in chain:
+                    loop = " -> ".join([*chain[chain.index(current.via) :], current.via])
+                    top.problems.append(f"{key}: agencies form a loop ({loop})")
+                    break
+                chain.append(current.via)
+                current = result[current.via]
 
 
 def _parse_timeouts(raw: object, key: str, problems: list[str]) -> Timeouts:

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
+import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -420,6 +423,66 @@ _APIG_ERRORS: dict[int, tuple[str, str]] = {
 # has expired or is invalid").
 _APIG_NO_TOKEN = ("APIG.0301", "Incorrect IAM authentication information: x-auth-token not found")
 
+# --- AK/SK and app authentication, as APIG answers it --------------------------------------------
+# IAM AK/SK failures are APIG.0301 (API Gateway FAQ "Incorrect IAM authentication information",
+# apig-faq-0003): "Get secretKey failed,ak:...,err:ak not exist" for an unknown AK, "verify aksk
+# signature fail,canonicalRequest:..." (the gateway's canonical request, lines joined with "|")
+# for a wrong signature; a stale X-Sdk-Date: "calc ak sk signature fail:signature expired"
+# (SIS FAQ). App failures are APIG.0303 (apig-faq-0009 "Incorrect app authentication
+# information"): "app not found, appkey ...", "verify signature fail, canonicalRequest:...",
+# "signature expired, signature time:...,server time:...". APIG rejects an X-Sdk-Date more than
+# 15 minutes away from its own clock ("API Request Signing Guide", Constructing a Standard
+# Request). Where the docs give no exact text, the code's generic message from APIG's error-code
+# table is used ("Incorrect IAM/app authentication information.").
+SIGNATURE_MAX_SKEW = 15 * 60
+_IAM_AUTH = "Incorrect IAM authentication information"
+_APP_AUTH = "Incorrect app authentication information"
+# ModelArts MaaS / API-key services (MaaS "Error Codes"): 400 ModelArts.81002 when Authorization
+# is missing or not "Bearer ...", 401 ModelArts.81003 when the key does not parse or is unknown.
+_MAAS_NO_KEY = (400, "ModelArts.81002", "Failed to get the authorization header.")
+_MAAS_BAD_KEY = (401, "ModelArts.81003", "Invalid authorization header.")
+
+_SDK_AUTH = re.compile(
+    r"^SDK-HMAC-SHA256\s+Access=([^,\s]+),\s*SignedHeaders=([^,\s]+),\s*Signature=([0-9a-fA-F]+)$"
+)
+_SDK_DATE = re.compile(r"^(\d{4})(\d\d)(\d\d)T(\d\d)(\d\d)(\d\d)Z$")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
+
+
+def _percent(text: str) -> bytes:
+    """RFC 3986 percent-encoding of everything but unreserved bytes (the fake's own encoder)."""
+    out = bytearray()
+    for byte in text.encode("utf-8"):
+        out += bytes((byte,)) if byte in _UNRESERVED else b"%%%02X" % byte
+    return bytes(out)
+
+
+def _verify_view(method: str, raw_path: str, raw_query: str) -> list[bytes]:
+    """Method, URI and query lines of the canonical request, built the way APIG checks them."""
+    uri = b"/".join(_percent(part) for part in unquote(raw_path).split("/"))
+    if not uri.endswith(b"/"):
+        uri += b"/"
+    pairs: list[tuple[str, str]] = []
+    for item in raw_query.split("&") if raw_query else []:
+        if "=" in item:
+            k, v = item.split("=", 1)
+        else:
+            k, v = item, ""
+        if k:
+            pairs.append((unquote(k), unquote(v)))
+    query = b"&".join(_percent(k) + b"=" + _percent(v) for k, v in sorted(pairs))
+    return [method.upper().encode(), uri, query]
+
+
+def _sdk_time(value: str) -> float | None:
+    """Epoch seconds of an X-Sdk-Date (``YYYYMMDDTHHMMSSZ``, UTC), None if malformed."""
+    if not _SDK_DATE.match(value):
+        return None
+    try:
+        return datetime.strptime(value, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+
 
 def _apig_error(status: int, code: str | None = None, message: str | None = None) -> web.Response:
     """An APIG-shaped error with a fresh 32-hex request id (also sent as X-Request-Id)."""
@@ -433,6 +496,11 @@ def _apig_error(status: int, code: str | None = None, message: str | None = None
     return web.json_response(body, status=status, headers={"X-Request-Id": request_id})
 
 
+def _maas_error(status: int, code: str, message: str) -> web.Response:
+    """MaaS' own error shape: ``{"error_code", "error_msg"}`` (MaaS "Error Codes")."""
+    return web.json_response({"error_code": code, "error_msg": message}, status=status)
+
+
 def _openai_error(status: int, message: str, type_: str = "BadRequestError") -> web.Response:
     """vLLM's OpenAI-compatible error body (``object: error``, message, type, param, code)."""
     body = {"object": "error", "message": message, "type": type_, "param": None, "code": status}
@@ -444,6 +512,13 @@ class FakeModelArts:
 
     Routes live under ``base_path`` = ``/v1/infers/{service_id}``, the path of the API URL shown on
     a real-time service's "Usage Guides" tab; anything else is APIG's 404 APIG.0101.
+
+    Authentication, chosen at deploy time on a real service, is whatever is configured here (any
+    mix; none at all means an open service): ``token_checker`` (IAM token in X-Auth-Token),
+    ``aksk`` (IAM AK -> SK, SDK-HMAC-SHA256 signatures; ``security_tokens`` AK -> the
+    X-Security-Token a temporary AK must send), ``app_aksk`` (AppKey -> AppSecret, same
+    signatures), ``app_codes`` (X-Apig-AppCode) and ``api_keys`` (``Authorization: Bearer``).
+    Signatures are checked by this module's own code, against ``clock`` (15 minutes of skew).
     """
 
     def __init__(
@@ -452,8 +527,21 @@ class FakeModelArts:
         token_checker: Callable[[str], bool] | None = None,
         service_id: str = "2b7e5f0c3d4a4e8f9a1b6c7d8e9f0a1b",
         model: str = "qwen2-7b",
+        api_keys: Iterable[str] = (),
+        app_codes: Iterable[str] = (),
+        aksk: Mapping[str, str] | None = None,
+        app_aksk: Mapping[str, str] | None = None,
+        security_tokens: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.token_checker = token_checker
+        self.api_keys: set[str] = set(api_keys)
+        self.app_codes: set[str] = set(app_codes)
+        self.aksk: dict[str, str] = dict(aksk or {})
+        self.app_aksk: dict[str, str] = dict(app_aksk or {})
+        self.security_tokens: dict[str, str] = dict(security_tokens or {})
+        self.clock = clock
+        self.authenticated: list[str] = []  # the mode that let each accepted request in
         self.service_id = service_id
         self.model = model
         self.base_path = f"/v1/infers/{service_id}"
@@ -502,16 +590,12 @@ class FakeModelArts:
             )
         )
 
-    def _reject(self, request: web.Request) -> web.Response | None:
-        """APIG's answer if the request must not reach the model: bad token or scripted status."""
-        if self.token_checker is not None:
-            token = request.headers.get("X-Auth-Token")
-            if not token:
-                self.unauthorized += 1
-                return _apig_error(401, *_APIG_NO_TOKEN)
-            if not self.token_checker(token):
-                self.unauthorized += 1
-                return _apig_error(401)
+    async def _reject(self, request: web.Request) -> web.Response | None:
+        """APIG's answer if the request must not reach the model (credential, scripted status)."""
+        refused = await self._authenticate(request)
+        if refused is not None:
+            self.unauthorized += 1
+            return refused
         status = self.script.status
         if status is not None:
             if status == 401:
@@ -519,11 +603,109 @@ class FakeModelArts:
             return _apig_error(status)
         return None
 
+    async def _authenticate(self, request: web.Request) -> web.Response | None:
+        """None if a configured mode accepts the request (recorded), else that mode's error."""
+        iam = self.token_checker is not None or bool(self.aksk)
+        app = bool(self.app_aksk or self.app_codes)
+        if not (iam or app or self.api_keys):
+            return None  # a service deployed without authentication
+        headers = request.headers
+        authorization = headers.get("Authorization", "")
+        if authorization.startswith("SDK-HMAC-SHA256") and (self.aksk or self.app_aksk):
+            return await self._check_signature(request, authorization)
+        if authorization.startswith("Bearer ") and self.api_keys:
+            if authorization[len("Bearer ") :] not in self.api_keys:
+                return _maas_error(*_MAAS_BAD_KEY)
+            self._accept("api_key")
+            return None
+        code = headers.get("X-Apig-AppCode")
+        if code is not None and self.app_codes:
+            if code not in self.app_codes:
+                return _apig_error(401, "APIG.0303", f"{_APP_AUTH}.")
+            self._accept("app_code")
+            return None
+        token = headers.get("X-Auth-Token")
+        if token and self.token_checker is not None:
+            if not self.token_checker(token):
+                return _apig_error(401)
+            self._accept("token")
+            return None
+        if self.api_keys:
+            return _maas_error(*_MAAS_NO_KEY)
+        if iam:
+            return _apig_error(401, *_APIG_NO_TOKEN)
+        return _apig_error(401, "APIG.0303", f"{_APP_AUTH}.")
+
+    def _accept(self, mode: str) -> None:
+        self.authenticated.append(mode)
+
+    async def _check_signature(
+        self, request: web.Request, authorization: str
+    ) -> web.Response | None:
+        """Verify an SDK-HMAC-SHA256 signature independently of the gateway's signer."""
+        m = _SDK_AUTH.match(authorization)
+        key = m.group(1) if m else ""
+        if key in self.aksk:
+            code, prefix, secret, mode = "APIG.0301", _IAM_AUTH, self.aksk[key], "aksk"
+        elif key in self.app_aksk:
+            code, prefix, secret, mode = "APIG.0303", _APP_AUTH, self.app_aksk[key], "app_aksk"
+        elif self.aksk:
+            return _apig_error(
+                401, "APIG.0301", f"{_IAM_AUTH}: Get secretKey failed,ak:{key},err:ak not exist"
+            )
+        else:
+            return _apig_error(401, "APIG.0303", f"{_APP_AUTH}: app not found, appkey {key}")
+        if m is None:
+            return _apig_error(401, code, f"{prefix}.")
+        signed_names = m.group(2).split(";")
+        claimed = m.group(3).lower()
+        sdk_date = request.headers.get("X-Sdk-Date", "")
+        when = _sdk_time(sdk_date)
+        if "x-sdk-date" not in signed_names or when is None:
+            return _apig_error(401, code, f"{prefix}.")
+        now = self.clock()
+        if abs(now - when) > SIGNATURE_MAX_SKEW:
+            if mode == "aksk":
+                return _apig_error(
+                    401, code, f"{prefix}: calc ak sk signature fail:signature expired"
+                )
+            server_time = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
+            return _apig_error(
+                401,
+                code,
+                f"{prefix}: signature expired, signature time:{sdk_date},server time:{server_time}",
+            )
+        raw_path, _, raw_query = request.raw_path.partition("?")  # as sent, not decoded
+        lines = _verify_view(request.method, raw_path, raw_query)
+        header_lines = []
+        for name in signed_names:
+            values = request.headers.getall(name, [])
+            header_lines.append(name.encode() + b":" + ",".join(v.strip() for v in values).encode())
+        body_hash = hashlib.sha256(await request.read()).hexdigest()
+        canonical = b"\n".join(
+            [*lines, b"\n".join(header_lines) + b"\n", m.group(2).encode(), body_hash.encode()]
+        )
+        digest = hashlib.sha256(canonical).hexdigest()
+        to_sign = f"SDK-HMAC-SHA256\n{sdk_date}\n{digest}".encode()
+        expected = hmac.new(secret.encode(), to_sign, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, claimed):
+            shown = canonical.decode("utf-8", "replace").replace("\n", "|")
+            what = "verify aksk signature fail" if mode == "aksk" else "verify signature fail"
+            return _apig_error(401, code, f"{prefix}: {what}, canonicalRequest:{shown}")
+        required = self.security_tokens.get(key) if mode == "aksk" else None
+        if required is not None and (
+            "x-security-token" not in signed_names
+            or not hmac.compare_digest(request.headers.get("X-Security-Token", ""), required)
+        ):
+            return _apig_error(401, code, f"{prefix}.")
+        self._accept(mode)
+        return None
+
     async def _not_found(self, request: web.Request) -> web.Response:
         return _apig_error(404)
 
     async def _models(self, request: web.Request) -> web.Response:
-        rejected = self._reject(request)
+        rejected = await self._reject(request)
         if rejected is not None:
             return rejected
         created = int(time.time())
@@ -531,7 +713,7 @@ class FakeModelArts:
         return web.json_response({"object": "list", "data": [model]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        rejected = self._reject(request)
+        rejected = await self._reject(request)
         if rejected is not None:
             return rejected
         try:
@@ -546,7 +728,7 @@ class FakeModelArts:
 
     async def _sse(self, request: web.Request) -> web.StreamResponse:
         """ModelArts' SSE endpoint: always streams; the body is the custom image's business."""
-        rejected = self._reject(request)
+        rejected = await self._reject(request)
         if rejected is not None:
             return rejected
         try:

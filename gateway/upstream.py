@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from time import monotonic
 
 import aiohttp
@@ -53,8 +54,8 @@ async def send(
     response = await _attempt(session, route, outgoing, deadline)
     if response.status != 401:
         return response
-    response.close()
     if credential.invalidate(outgoing):
+        response.close()
         log.info(
             "upstream answered 401 for route %r; refreshing credential %r and replaying",
             route.name,
@@ -64,8 +65,37 @@ async def send(
         response = await _attempt(session, route, outgoing, deadline)
         if response.status != 401:
             return response
+    try:
+        detail = await _refusal(response)
+    finally:
         response.close()
-    raise UpstreamAuthRejected(f"the upstream refused credential {credential.name!r} (HTTP 401)")
+    raise UpstreamAuthRejected(f"the upstream refused credential {credential.name!r} ({detail})")
+
+
+_ERROR_CODE = re.compile(r"[A-Za-z0-9._-]{1,40}")
+
+
+async def _refusal(response: aiohttp.ClientResponse) -> str:
+    """What a 401 says that is safe to repeat: APIG's error code, and a hint for a stale clock.
+
+    Never the message itself: APIG's "verify signature fail" text quotes the signed headers
+    (a security token among them).
+    """
+    detail = "HTTP 401"
+    length = response.content_length
+    if length is None or length > MAX_ERROR_BODY:
+        return detail
+    try:
+        async with asyncio.timeout(2):
+            data = json.loads(await response.read())
+        code, message = str(data["error_code"]), str(data.get("error_msg", ""))
+    except (TimeoutError, ValueError, KeyError, TypeError, aiohttp.ClientError):
+        return detail
+    if _ERROR_CODE.fullmatch(code):
+        detail += f", {code}"
+    if "signature expired" in message.lower():
+        detail += ": the signature expired; check this machine's clock"
+    return detail
 
 
 async def _attempt(

@@ -7,10 +7,12 @@ method, path, headers and body fit the same slot as sources that add one header.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from multidict import CIMultiDict
 from yarl import URL
+
+from gateway.credentials.token_cache import Token
 
 
 @dataclass
@@ -43,3 +45,19 @@ class Credential(Protocol):
 
     async def close(self) -> None:
         """Stop background work."""
+
+
+@runtime_checkable
+class TokenSource(Protocol):
+    """A credential that yields IAM tokens: what an agency's ``via`` and ``token`` command use."""
+
+    name: str
+
+    async def token(self) -> Token:
+        """A token usable now; raise CredentialUnavailable when there is none."""
+
+    def invalidate_token(self, value: str) -> None:
+        """Forget ``value``: it was refused before its expiry."""
+
+    def fingerprint(self) -> str:
+        """A stable digest of the identity behind the tokens (keys on-disk caches)."""

@@ -35,6 +35,8 @@ class Token:
     value: str = field(repr=False)  # a repr or traceback must not show the token
     expires_at: float  # wall clock (epoch seconds)
     project: str = ""  # what it is scoped to, for diagnostics
+    project_id: str = ""
+    origin: str = ""  # where it came from ("IAM", "cache_file", ...), for diagnostics
 
 
 class FetchFailed(Exception):
@@ -103,6 +105,15 @@ class TokenCache:
             raise CredentialUnavailable(
                 f"credential {self.name!r} has no token: {exc.reason}"
             ) from None
+
+    def seed(self, token: Token) -> bool:
+        """Adopt a token obtained elsewhere (an on-disk cache) if none is cached; True if used."""
+        if self._token is not None or self._now() >= token.expires_at - min(
+            EXPIRY_SAFETY, self._margin
+        ):
+            return False
+        self._token = token
+        return True
 
     def prefetch(self) -> None:
         """Start a fetch now if none is under way and no back-off is in force."""
