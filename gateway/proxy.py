@@ -35,9 +35,9 @@ from gateway.errors import (
 from gateway.headers import client_response_headers, upstream_request_headers
 from gateway.limits import ConcurrencyLimit, read_body, too_large
 from gateway.metrics import Metrics
-from gateway.relay import Relay
+from gateway.relay import ClientSink, Relay
 from gateway.routing import PathGroup, Router
-from gateway.upstream import MAX_ERROR_BODY, apig_error, read_small_body, send, upstream_url
+from gateway.upstream import MAX_SMALL_BODY, apig_error, read_small_body, send, upstream_url
 
 log = logging.getLogger("gateway.proxy")
 
@@ -278,37 +278,43 @@ class Proxy:
             ex.ttfb = monotonic() - ex.start
             self.metrics.ttfb.labels(route.name).observe(ex.ttfb)
             ex.status = upstream.status
-            reshaped = await self._small_error(upstream, route, deadline)
-            if reshaped is not None:
-                reshaped.headers["X-Request-Id"] = ex.rid
-                if ex.cors_origin:
-                    add_cors(reshaped, ex.cors_origin)
-                return reshaped
-            return await self._relay(request, route, upstream, ex, deadline if total else None)
+            response: web.StreamResponse
+            if is_small(upstream):
+                response = await self._whole(upstream, route, ex, deadline)
+            else:
+                response = await self._relay(
+                    request, route, upstream, ex, deadline if total else None
+                )
         finally:
-            upstream.close()
+            # back to the pool when the body was read to its end; aiohttp closes it otherwise
+            upstream.release()
+        return response
 
-    async def _small_error(
-        self, upstream: aiohttp.ClientResponse, route: Route, deadline: float
-    ) -> web.Response | None:
-        """An upstream error in APIG's shape, re-shaped for OpenAI clients; else None."""
-        length = upstream.content_length
-        if upstream.status < 400 or length is None or length > MAX_ERROR_BODY:
-            return None
-        if "json" not in upstream.content_type:
-            return None
+    async def _whole(
+        self, upstream: aiohttp.ClientResponse, route: Route, ex: Exchange, deadline: float
+    ) -> web.Response:
+        """A small, non-streaming answer, read whole and sent with its headers in one write.
+
+        A JSON completion is usable only once complete, so nothing is held back from the client;
+        an error in APIG's shape is re-shaped for OpenAI clients on the way.
+        """
         body = await read_small_body(upstream, route, deadline)
-        err = apig_error(upstream.status, body)
+        self.metrics.chunk_stats(route.name).bytes += len(body)
+        ex.bytes = len(body)
+        ex.end = "done"
+        self.metrics.stream_end.labels(route.name, "done").inc()
         headers = client_response_headers(upstream.headers)
-        if err is None:
-            return web.Response(status=upstream.status, body=body, headers=headers)
-        del headers["Content-Type"]
-        return web.Response(
-            status=upstream.status,
-            body=err.body(),
-            headers=headers,
-            content_type="application/json",
+        headers["X-Request-Id"] = ex.rid
+        err = apig_error(upstream.status, body) if upstream.status >= 400 else None
+        if err is not None:
+            headers["Content-Type"] = "application/json"
+            body = err.body()
+        response = web.Response(
+            status=upstream.status, reason=upstream.reason, body=body, headers=headers
         )
+        if ex.cors_origin:
+            add_cors(response, ex.cors_origin)
+        return response
 
     async def _relay(
         self,
@@ -334,12 +340,10 @@ class Proxy:
             response.content_length = upstream.content_length
         await response.prepare(request)
 
-        transport = request.transport
         metrics = self.metrics
         relay = Relay(
             upstream.content,
-            response.write,
-            transport.abort if transport is not None else _noop,
+            ClientSink(request, response),
             sse=sse,
             stats=metrics.chunk_stats(route.name),
             idle=route.timeouts.idle,
@@ -365,5 +369,12 @@ class Proxy:
         return response
 
 
-def _noop() -> None:
-    pass
+def is_small(upstream: aiohttp.ClientResponse) -> bool:
+    """A non-streaming answer of known, small size (a completion, an error)."""
+    length = upstream.content_length
+    return (
+        length is not None
+        and length <= MAX_SMALL_BODY
+        and upstream.content_type != "text/event-stream"
+        and "Transfer-Encoding" not in upstream.headers
+    )

@@ -1,8 +1,14 @@
 """Copy an upstream response body to the client as it arrives: one write per upstream chunk.
 
-The hot loop does no parsing and arms no timer per chunk. One reusable timer handles the idle,
-total and heartbeat deadlines: it fires at the earliest of them, finds out from the time of the
-last chunk whether anything is really due, and re-arms itself.
+The copy is driven by the upstream connection's ``data_received``: aiohttp's parser hands each
+body chunk to the response's ``StreamReader``, which wakes its waiter; the relay installs itself
+as that waiter, so the chunk goes to the client's transport from one plain callback, with no
+task switch, no future and no timer per chunk. When the client's socket buffer fills, the relay
+stops taking chunks; the reader's buffer then fills and aiohttp pauses the upstream socket, so
+memory stays bounded however fast the upstream and however slow the client.
+
+One reusable timer handles the idle, total and heartbeat deadlines: it fires at the earliest of
+them, finds out from the time of the last chunk whether anything is really due, and re-arms.
 
 SSE framing is honoured only at the edges: heartbeats (``: keep-alive``) and the closing
 ``event: error`` are written only when the bytes relayed so far end on an event boundary (a blank
@@ -14,15 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from time import monotonic
+from typing import Protocol
 
 import aiohttp
+from aiohttp import web
 
 from gateway.metrics import ChunkStats
 
 HEARTBEAT = b": keep-alive\n\n"
 _BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n")
+# Below this size a chunk and its chunked-encoding frame are joined into one buffer (one copy is
+# cheaper than a scatter write); above it they go out as a list (aiohttp draws the same line).
+_JOIN_BELOW = 2048
 
 # end reason -> (error type, error code, message) of the closing `event: error`
 _ERROR_EVENTS = {
@@ -47,14 +58,94 @@ def ends_event(prev: bytes, tail: bytes) -> bool:
     return end.endswith(_BOUNDARIES)
 
 
+class Sink(Protocol):
+    """Where relayed bytes go: the client's connection."""
+
+    def write(self, data: bytes) -> None:
+        """Send now, without waiting; raise OSError or aiohttp.ClientError if the client is gone."""
+
+    def paused(self) -> bool:
+        """True while the client's send buffer is full."""
+
+    async def drain(self) -> None:
+        """Wait until the client's send buffer has room again."""
+
+    def abort(self) -> None:
+        """Close the connection at once: the client must not see a clean end."""
+
+
+class ClientSink:
+    """A prepared aiohttp response, written through its transport directly.
+
+    The response headers are already on the wire (``StreamResponse.prepare`` sends them), so
+    body bytes may bypass aiohttp's writer; chunked framing is added here when the response uses
+    it, and aiohttp's ``write_eof`` still writes the last chunk.
+    """
+
+    __slots__ = ("_chunked", "_protocol", "_request", "_transport")
+
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        self._request = request
+        self._transport = request.transport
+        self._protocol = request.protocol
+        # set by prepare(): HTTP/1.1 without a Content-Length is chunked
+        self._chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+    def write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client connection is closed")
+        if not self._chunked:
+            transport.write(data)
+        elif len(data) < _JOIN_BELOW:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+
+    def paused(self) -> bool:
+        return self._protocol.writing_paused
+
+    async def drain(self) -> None:
+        await self._request.writer.drain()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class _Wake:
+    """Installed as the StreamReader's waiter: aiohttp "wakes" it from ``data_received``.
+
+    The reader only ever calls ``done()``, ``set_result()`` and ``set_exception()`` on its
+    waiter (aiohttp.helpers.set_result / set_exception). The relay's pump runs from the event
+    loop right after, not inside the parser's callback: reading the buffer may resume the
+    upstream protocol, which re-enters the parser.
+    """
+
+    __slots__ = ("_call_soon", "_failed", "_pump")
+
+    def __init__(self, relay: Relay) -> None:
+        self._call_soon = relay._loop.call_soon
+        self._pump = relay._pump
+        self._failed = relay._upstream_failed
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, _: object) -> None:
+        self._call_soon(self._pump)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._call_soon(self._failed)
+
+
 class Relay:
-    """One response body's copy loop; ``stop(reason)`` ends it from outside (timer, shutdown)."""
+    """One response body's copy; ``stop(reason)`` ends it from outside (timer, shutdown)."""
 
     def __init__(
         self,
         source: aiohttp.StreamReader,
-        write: Callable[[bytes], Awaitable[None]],
-        abort: Callable[[], None],
+        sink: Sink,
         *,
         sse: bool,
         stats: ChunkStats,
@@ -64,8 +155,7 @@ class Relay:
         on_heartbeat: Callable[[], None] | None = None,
     ) -> None:
         self._source = source
-        self._write = write
-        self._abort = abort
+        self._sink = sink
         self._sse = sse
         self._stats = stats
         self._idle = idle
@@ -73,73 +163,126 @@ class Relay:
         self._heartbeat = heartbeat if sse else 0.0
         self._on_heartbeat = on_heartbeat
         self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task[object] | None = None
+        self._done: asyncio.Future[str] = self._loop.create_future()
+        self._wake = _Wake(self)
         self._timer: asyncio.TimerHandle | None = None
-        self._beat_task: asyncio.Task[None] | None = None
+        self._drainer: asyncio.Task[None] | None = None
         self._reason = ""
-        self._reading = False
+        self._blocked = False  # the client is not reading: upstream chunks wait in the reader
         self._last = self._last_beat = 0.0
         self._prev = self._tail = b""
         self.bytes = 0
 
     async def run(self) -> str:
         """Relay until the upstream ends or something stops it; returns the end reason."""
-        self._task = asyncio.current_task()
         self._last = self._last_beat = monotonic()
         self._arm(self._last)
-        source, write, stats = self._source, self._write, self._stats
-        gap = stats.gap
+        self._pump()  # what is buffered already; then wait for aiohttp to wake us
         try:
-            while True:
-                self._reading = True
-                chunk = await source.readany()
-                self._reading = False
-                if not chunk:
-                    return "done"
-                now = monotonic()
-                gap(now - self._last)
-                size = len(chunk)
-                stats.bytes += size
-                self.bytes += size
-                self._last = now
-                self._prev, self._tail = self._tail, chunk
-                await write(chunk)
+            return await self._done
         except asyncio.CancelledError:
-            task = self._task
-            if not self._reason or task is None or task.uncancel() > 0:
-                raise
-            return await self._end(self._reason)
-        except (aiohttp.ClientError, OSError):
-            if self._reading:
-                return await self._end("upstream_error")
-            return "client_gone"
+            # Closing the client connection ourselves (to mark a cut stream) makes aiohttp
+            # cancel the handler: that cancellation is ours, the end reason stands.
+            task = asyncio.current_task()
+            ours = self._reason and self._reason != "client_gone"
+            if ours and task is not None and task.uncancel() == 0:
+                return self._reason
+            raise
         finally:
-            self._disarm()
+            self._close()
 
     def stop(self, reason: str) -> None:
-        """End the relay with ``reason``; the loop sees it as a cancellation it owns."""
-        if self._reason or self._task is None:
+        """End the relay with ``reason``, saying why inside the stream when it can."""
+        if self._reason:
             return
-        self._reason = reason
-        self._task.cancel()
+        if self._blocked:
+            # nothing can be said to a client that is not reading; if it is the idle clock that
+            # ran out, it is the client that stalled, not the upstream
+            self._sink.abort()
+            self._finish("client_gone" if reason == "idle_timeout" else reason)
+            return
+        if self._sse and self.at_boundary:
+            try:
+                self._sink.write(error_event(reason))
+            except (aiohttp.ClientError, OSError):
+                self._finish("client_gone")
+                return
+        else:
+            self._sink.abort()
+        self._finish(reason)
 
     @property
     def at_boundary(self) -> bool:
         return ends_event(self._prev, self._tail)
 
-    async def _end(self, reason: str) -> str:
-        """Say why the stream ends, inside the stream, or close the connection if it cannot."""
-        if reason == "client_gone":
-            return reason
-        if self._sse and self.at_boundary:
+    # --- the copy --------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Move every buffered upstream chunk to the client, then wait to be woken again."""
+        if self._reason or self._blocked:
+            return
+        source, sink, stats = self._source, self._sink, self._stats
+        while True:
             try:
-                await self._write(error_event(reason))
+                chunk = source.read_nowait(-1)
+            except Exception:  # whatever the upstream connection failed with
+                self._upstream_failed()
+                return
+            if not chunk:
+                break
+            now = monotonic()
+            stats.gap(now - self._last)
+            size = len(chunk)
+            stats.bytes += size
+            self.bytes += size
+            self._last = now
+            self._prev, self._tail = self._tail, chunk
+            try:
+                sink.write(chunk)
             except (aiohttp.ClientError, OSError):
-                return "client_gone"
-            # the event says it all; the body itself ends cleanly
-            return reason
-        self._abort()
-        return reason
+                self._finish("client_gone")
+                return
+            if sink.paused():
+                self._blocked = True
+                self._drainer = self._loop.create_task(self._wait_for_client())
+                return
+        if source.at_eof():
+            self._finish("done")
+        else:
+            source._waiter = self._wake  # type: ignore[assignment]
+
+    async def _wait_for_client(self) -> None:
+        try:
+            await self._sink.drain()
+        except (aiohttp.ClientError, OSError):
+            self._finish("client_gone")
+            return
+        self._blocked = False
+        self._drainer = None
+        self._pump()
+
+    def _upstream_failed(self) -> None:
+        self.stop("upstream_error")
+
+    def _finish(self, reason: str) -> None:
+        if self._reason:
+            return
+        self._reason = reason
+        self._unhook()
+        if not self._done.done():
+            self._done.set_result(reason)
+
+    def _unhook(self) -> None:
+        if self._source._waiter is self._wake:  # type: ignore[comparison-overlap]
+            self._source._waiter = None
+
+    def _close(self) -> None:
+        self._unhook()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._drainer is not None and not self._drainer.done():
+            self._drainer.cancel()
 
     # --- the one timer --------------------------------------------------------------------
 
@@ -154,13 +297,6 @@ class Relay:
             # timer that fires early only re-arms itself
             self._timer = self._loop.call_later(max(when - now, 0.0) + 0.001, self._on_timer)
 
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._beat_task is not None and not self._beat_task.done():
-            self._beat_task.cancel()
-
     def _on_timer(self) -> None:
         self._timer = None
         if self._reason:
@@ -170,23 +306,17 @@ class Relay:
             self.stop("total_timeout")
             return
         if self._idle and now - self._last >= self._idle:
-            # blocked writing for that long means the client stopped reading
-            self.stop("idle_timeout" if self._reading else "client_gone")
+            # blocked that long means the client stopped reading; else the upstream is silent
+            self.stop("idle_timeout")
             return
         if self._heartbeat and now - max(self._last, self._last_beat) >= self._heartbeat:
             self._last_beat = now
-            if self._reading and self.at_boundary and self._beat_task is None:
-                self._beat_task = self._loop.create_task(self._beat())
-        self._arm(now)
-
-    async def _beat(self) -> None:
-        try:
-            # re-checked: a chunk may have been written since the timer fired
-            if self._reading and self.at_boundary and not self._reason:
-                await self._write(HEARTBEAT)
+            if not self._blocked and self.at_boundary:
+                try:
+                    self._sink.write(HEARTBEAT)
+                except (aiohttp.ClientError, OSError):
+                    self._finish("client_gone")
+                    return
                 if self._on_heartbeat is not None:
                     self._on_heartbeat()
-        except (aiohttp.ClientError, OSError):
-            pass  # the relay loop finds out about a gone client itself
-        finally:
-            self._beat_task = None
+        self._arm(now)

@@ -30,8 +30,9 @@ log = logging.getLogger("gateway.upstream")
 # Content-Type: application/octet-stream. The client's own headers pass through instead.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
-# A small upstream error body is read whole so an APIG-shaped error can be re-shaped.
-MAX_ERROR_BODY = 64 * 1024
+# A non-streaming answer up to this size is read whole and sent in one write (an APIG-shaped
+# error among them is re-shaped); larger ones and every stream are relayed chunk by chunk.
+MAX_SMALL_BODY = 64 * 1024
 
 
 def upstream_url(route: Route, raw_path: str) -> URL:
@@ -83,7 +84,7 @@ async def _refusal(response: aiohttp.ClientResponse) -> str:
     """
     detail = "HTTP 401"
     length = response.content_length
-    if length is None or length > MAX_ERROR_BODY:
+    if length is None or length > MAX_SMALL_BODY:
         return detail
     try:
         async with asyncio.timeout(2):
@@ -140,7 +141,7 @@ async def _attempt(
 
 
 async def read_small_body(response: aiohttp.ClientResponse, route: Route, deadline: float) -> bytes:
-    """The whole body of a small upstream error, read before any header goes to the client.
+    """The whole body of a small non-streaming answer, read before any header goes out.
 
     Bounded by the route's ``idle`` and the ``total`` deadline like the relay, and translated
     here, so an upstream that stalls or drops the connection mid-body becomes a 504 or 502 for

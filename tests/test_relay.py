@@ -52,13 +52,18 @@ class Sink:
         self.fail: BaseException | None = None
         self.block = False
 
-    async def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes) -> None:
         if self.fail is not None:
             raise self.fail
-        if self.block:  # a client that stopped reading: the write never completes
-            await asyncio.get_running_loop().create_future()
         self.writes.append(chunk)
         self.queue.put_nowait(chunk)
+
+    def paused(self) -> bool:
+        return self.block  # a client that stopped reading: its send buffer stays full
+
+    async def drain(self) -> None:
+        if self.block:
+            await asyncio.get_running_loop().create_future()
 
     def abort(self) -> None:
         self.aborted = True
@@ -81,8 +86,7 @@ class Harness:
         self.beats = 0
         self.relay = Relay(
             self.source,
-            self.sink.write,
-            self.sink.abort,
+            self.sink,
             sse=sse,
             stats=self.stats,
             on_heartbeat=self._beat,
@@ -340,7 +344,10 @@ async def test_a_client_that_stops_reading_for_idle_is_client_gone() -> None:
     h.sink.block = True
     h.source.feed_data(EVENT)
     assert await h.result() == "client_gone"
-    assert h.sink.writes == [EVENT]  # no error event towards a client that is not reading
+    # the second event went into the full send buffer; then nothing more, no error event
+    # towards a client that is not reading, and its connection is closed
+    assert h.sink.writes == [EVENT, EVENT]
+    assert h.sink.aborted
 
 
 async def test_stop_from_outside_ends_with_its_reason() -> None:
