@@ -12,6 +12,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,11 @@ class Route:
     max_concurrency: int = 64
     heartbeat: float = 15.0
     timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @cached_property
+    def upstream_base(self) -> str:
+        """``upstream`` as text without a trailing slash, for joining request paths per call."""
+        return str(self.upstream).rstrip("/")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import log as gwlog
 from gateway.errors import GatewayError
-from gateway.proxy import Exchange, add_cors, error_response, request_id_of
+from gateway.proxy import Exchange, add_cors, error_response
 from gateway.state import GATEWAY, METRICS
 
 _CREATED = int(time.time())
@@ -44,7 +44,7 @@ async def models(request: web.Request) -> web.Response:
     A client call like any other: one access-log line and the request metrics (route ``-``).
     """
     proxy = request.app[GATEWAY].proxy
-    ex = Exchange(rid=request_id_of(request), start=time.monotonic())
+    ex = Exchange(rid=proxy.request_id(request), start=time.monotonic())
     gwlog.request_id.set(ex.rid)
     origin = proxy.guard.allowed_origin(request)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -172,6 +173,17 @@ class Metrics:
         )
         self._chunks: dict[str, ChunkStats] = {}
         r.register(_ChunkCollector(self._chunks))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock and builds a key on
+        every call, and the per-request path makes several. Label values are bounded (config
+        names, small enums), so the memo is too."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def chunk_stats(self, route: str) -> ChunkStats:
         stats = self._chunks.get(route)

@@ -139,6 +139,33 @@ class _Wake:
         self._call_soon(self._failed)
 
 
+def take(source: aiohttp.StreamReader) -> bytes:
+    """Everything buffered in ``source`` (b"" when empty), like ``read_nowait(-1)``.
+
+    The common case, one whole chunk while the upstream is flowing, is taken straight off the
+    reader's buffer: ``read_nowait`` would also call the protocol's ``resume_reading()`` on
+    every read, which re-runs the parser and the transport's resume, a few microseconds per
+    event for nothing. Any other case (partly read buffer, several chunks, a paused upstream,
+    an error) goes through ``read_nowait`` itself.
+    """
+    buffer = source._buffer
+    if (
+        len(buffer) != 1
+        or source._buffer_offset
+        or source._exception is not None
+        or source._protocol._reading_paused
+    ):
+        return source.read_nowait(-1) if buffer or source._exception is not None else b""
+    data = buffer.popleft()
+    size = len(data)
+    source._size -= size
+    source._cursor += size
+    splits = source._http_chunk_splits
+    while splits and splits[0] < source._cursor:
+        splits.popleft()
+    return data
+
+
 class Relay:
     """One response body's copy; ``stop(reason)`` ends it from outside (timer, shutdown)."""
 
@@ -224,7 +251,7 @@ class Relay:
         source, sink, stats = self._source, self._sink, self._stats
         while True:
             try:
-                chunk = source.read_nowait(-1)
+                chunk = take(source)
             except Exception:  # whatever the upstream connection failed with
                 self._upstream_failed()
                 return

@@ -6,6 +6,7 @@ This is the one boundary where aiohttp and asyncio exceptions become GatewayErro
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -27,7 +28,8 @@ from gateway.errors import (
 log = logging.getLogger("gateway.upstream")
 
 # aiohttp would otherwise add its own Accept, Accept-Encoding, User-Agent and (for a bytes body)
-# Content-Type: application/octet-stream. The client's own headers pass through instead.
+# Content-Type: application/octet-stream. The client's own headers pass through instead
+# (given to the ClientSession once, in app.py).
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 # A non-streaming answer up to this size is read whole and sent in one write (an APIG-shaped
@@ -35,9 +37,15 @@ SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 MAX_SMALL_BODY = 64 * 1024
 
 
+@functools.lru_cache(maxsize=64)
+def client_timeout(connect: float) -> aiohttp.ClientTimeout:
+    """aiohttp's own timeouts: only the connect phase; first_byte, idle and total are ours."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None)
+
+
 def upstream_url(route: Route, raw_path: str) -> URL:
     """The route's upstream plus the request's full path and query, as received."""
-    return URL(str(route.upstream).rstrip("/") + raw_path, encoded=True)
+    return URL(route.upstream_base + raw_path, encoded=True)
 
 
 async def send(
@@ -115,8 +123,7 @@ async def _attempt(
                 headers=outgoing.headers,
                 data=outgoing.body or None,
                 allow_redirects=False,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=None),
+                timeout=client_timeout(t.connect),
             )
     except aiohttp.ConnectionTimeoutError:
         raise UpstreamTimeout(
@@ -148,6 +155,12 @@ async def read_small_body(response: aiohttp.ClientResponse, route: Route, deadli
     the client instead of a request that hangs for ever or an unhandled exception (aiohttp's
     bare text/plain 500, without X-Request-Id).
     """
+    content = response.content
+    if content.is_eof():  # already here whole, as small answers usually are
+        try:
+            return content.read_nowait(-1)
+        except (aiohttp.ClientError, OSError):
+            raise UpstreamError("the upstream connection failed") from None
     idle = route.timeouts.idle
     until_deadline = deadline - monotonic()
     wait = min(idle, until_deadline) if idle else until_deadline

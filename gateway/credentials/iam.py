@@ -53,7 +53,12 @@ async def request_token(
     url = iam_url.rstrip("/") + "/v3/auth/tokens?nocatalog=true"
     try:
         async with session.post(
-            url, json=body, headers=headers, timeout=IAM_TIMEOUT, allow_redirects=False
+            url,
+            json=body,
+            # explicit: the shared session adds no Content-Type of its own (SKIP_AUTO_HEADERS)
+            headers={"Content-Type": "application/json;charset=utf8", **(headers or {})},
+            timeout=IAM_TIMEOUT,
+            allow_redirects=False,
         ) as resp:
             payload = await resp.read()
             if resp.status in (401, 403):
