@@ -23,7 +23,6 @@ from gateway.proxy import Proxy
 from gateway.routing import Router
 from gateway.state import GATEWAY, METRICS, SETTINGS, Gateway
 from gateway.systemd import notify
-from gateway.upstream import SKIP_AUTO_HEADERS
 
 __all__ = ["GATEWAY", "METRICS", "build_app", "make_runner", "serve"]
 
@@ -47,7 +46,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         auto_decompress=False,  # bytes pass through as the upstream sent them
         timeout=aiohttp.ClientTimeout(total=None),  # per-phase timeouts are enforced per request
         cookie_jar=aiohttp.DummyCookieJar(),  # a shared gateway must not mix clients' cookies
-        skip_auto_headers=SKIP_AUTO_HEADERS,
     )
     credentials = build_credentials(settings.credentials, session, metrics.token_refreshed)
     proxy = Proxy(settings, session, credentials, metrics)

@@ -46,6 +46,17 @@ def _connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> se
     return names
 
 
+# What the client library would add where the client sent nothing. aiohttp adds
+# `Accept-Encoding: gzip, deflate`, which would get the client a body it did not ask to be
+# compressed; these say what an absent header means (RFC 9110 §12.5.1, §12.5.3), and name the
+# gateway as the user agent. Setting them is cheaper than aiohttp's skip_auto_headers.
+ABSENT_MEANS = (
+    ("Accept", "*/*"),
+    ("Accept-Encoding", "identity"),
+    ("User-Agent", "modelarts-gateway"),
+)
+
+
 def upstream_request_headers(client: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The client's headers minus credentials, hop-by-hop and framing headers."""
     extra = _connection_tokens(client)
@@ -55,6 +66,9 @@ def upstream_request_headers(client: CIMultiDictProxy[str]) -> CIMultiDict[str]:
         if low in DROP_REQUEST or low in extra:
             continue
         out.add(name, value)
+    for name, value in ABSENT_MEANS:
+        if name not in out:
+            out[name] = value
     return out
 
 

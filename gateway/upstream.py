@@ -27,10 +27,6 @@ from gateway.errors import (
 
 log = logging.getLogger("gateway.upstream")
 
-# aiohttp would otherwise add its own Accept, Accept-Encoding, User-Agent and (for a bytes body)
-# Content-Type: application/octet-stream. The client's own headers pass through instead
-# (given to the ClientSession once, in app.py).
-SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 # A non-streaming answer up to this size is read whole and sent in one write (an APIG-shaped
 # error among them is re-shaped); larger ones and every stream are relayed chunk by chunk.

@@ -55,7 +55,7 @@ async def request_token(
         async with session.post(
             url,
             json=body,
-            # explicit: the shared session adds no Content-Type of its own (SKIP_AUTO_HEADERS)
+            # IAM's documented request header
             headers={"Content-Type": "application/json;charset=utf8", **(headers or {})},
             timeout=IAM_TIMEOUT,
             allow_redirects=False,
