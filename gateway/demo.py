@@ -44,7 +44,7 @@ def demo_settings(cloud: FakeCloud, host: str, port: int) -> Settings:
     return parse_settings(raw, {})
 
 
-def instructions(base: str) -> str:
+def instructions(base: str, python: str = "python3") -> str:
     return f"""
 modelarts-gateway demo: the gateway is serving {base}/v1 in front of a fake IAM and a fake
 ModelArts LLM service on loopback. Try (Ctrl-C to stop):
@@ -54,7 +54,8 @@ ModelArts LLM service on loopback. Try (Ctrl-C to stop):
     -d '{{"model": "{DEMO_MODEL}", "stream": true,
          "messages": [{{"role": "user", "content": "Hi"}}]}}'
 
-  python - <<'PY'
+  {python} -m pip install -q openai   # once, for the snippet below
+  {python} - <<'PY'
 from openai import OpenAI
 client = OpenAI(base_url="{base}/v1", api_key="unused")
 for chunk in client.chat.completions.create(
@@ -76,7 +77,7 @@ async def run_demo(host: str, port: int) -> None:
         def started(addresses: list[str]) -> None:
             shown = "localhost" if host in ("0.0.0.0", "::") else host
             base = f"http://{shown}:{port}" if port else addresses[0]
-            print(instructions(base), file=sys.stdout, flush=True)
+            print(instructions(base, sys.executable), file=sys.stdout, flush=True)
 
         await serve(settings, started=started)
     finally:
