@@ -7,6 +7,7 @@ speaking the real APIs' shapes (IAM password tokens, APIG errors, OpenAI-style S
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from gateway.app import serve
 from gateway.config import Settings, parse_settings
@@ -15,22 +16,12 @@ from gateway.fakes import FakeCloud, start_fake_cloud
 DEMO_MODEL = "qwen2-7b"
 
 
-def demo_settings(cloud: FakeCloud, host: str, port: int) -> Settings:
-    """Gateway settings pointing at the fakes, built through the same validation as a file."""
-    iam = cloud.iam
-    raw = {
+def demo_config(cloud: FakeCloud, host: str, port: int) -> dict[str, Any]:
+    """A gateway config (as parsed YAML) in front of ``cloud``."""
+    return {
         # the fakes hold no real credential, so the demo may listen beyond loopback (containers)
         "listen": {"host": host, "port": port, "allow_unauthenticated_remote": True},
-        "credentials": {
-            "demo": {
-                "type": "iam_password",
-                "iam_url": cloud.iam_url,
-                "domain": iam.domain,
-                "user": iam.user,
-                "password": iam.password,
-                "project": next(iter(iam.projects)),
-            }
-        },
+        "credentials": {"demo": cloud.iam_password_config()},
         "routes": [
             {
                 "name": "demo",
@@ -41,7 +32,11 @@ def demo_settings(cloud: FakeCloud, host: str, port: int) -> Settings:
             }
         ],
     }
-    return parse_settings(raw, {})
+
+
+def demo_settings(cloud: FakeCloud, host: str, port: int) -> Settings:
+    """Gateway settings pointing at the fakes, built through the same validation as a file."""
+    return parse_settings(demo_config(cloud, host, port), {})
 
 
 def instructions(base: str, python: str = "python3") -> str:

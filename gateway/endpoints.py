@@ -69,7 +69,5 @@ async def models(request: web.Request) -> web.Response:
     if origin is not None:
         add_cors(response, origin)
     ex.status = response.status
-    proxy._finish(
-        request, ex, time.monotonic()
-    )  # the same access line and metrics as proxied calls
+    proxy.record(request, ex, time.monotonic())  # the same access line and metrics as proxied calls
     return response

@@ -887,6 +887,17 @@ class FakeCloud:
     service_url: str
     runners: list[web.AppRunner] = field(default_factory=list)
 
+    def iam_password_config(self) -> dict[str, Any]:
+        """A gateway ``iam_password`` credential (as parsed YAML) for this cloud's user."""
+        return {
+            "type": "iam_password",
+            "iam_url": self.iam_url,
+            "domain": self.iam.domain,
+            "user": self.iam.user,
+            "password": self.iam.password,
+            "project": next(iter(self.iam.projects)),
+        }
+
     async def close(self) -> None:
         """Stop both servers, newest first."""
         while self.runners:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from multidict import CIMultiDict, CIMultiDictProxy
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies strip.
@@ -34,16 +32,19 @@ DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIALS | RECOMPUTED
 DROP_RESPONSE = HOP_BY_HOP | frozenset(("content-length", "date", "server"))
 
 
-def _connection_tokens(headers: Mapping[str, str] | CIMultiDictProxy[str]) -> set[str]:
-    """Header names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1)."""
-    names: set[str] = set()
-    for value in (
-        headers.getall("Connection", [])
-        if isinstance(headers, CIMultiDictProxy)
-        else [headers.get("Connection", "")]
-    ):
-        names.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return names
+def _without(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """``headers`` minus ``drop`` and minus every header named in Connection (RFC 9110 §7.6.1)."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low not in drop and low not in named:
+            out.add(name, value)
+    return out
 
 
 # What the client library would add where the client sent nothing. aiohttp adds
@@ -59,13 +60,7 @@ ABSENT_MEANS = (
 
 def upstream_request_headers(client: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The client's headers minus credentials, hop-by-hop and framing headers."""
-    extra = _connection_tokens(client)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in client.items():
-        low = name.lower()
-        if low in DROP_REQUEST or low in extra:
-            continue
-        out.add(name, value)
+    out = _without(client, DROP_REQUEST)
     for name, value in ABSENT_MEANS:
         if name not in out:
             out[name] = value
@@ -74,11 +69,4 @@ def upstream_request_headers(client: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers minus hop-by-hop and framing headers."""
-    extra = _connection_tokens(upstream)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        low = name.lower()
-        if low in DROP_RESPONSE or low in extra:
-            continue
-        out.add(name, value)
-    return out
+    return _without(upstream, DROP_RESPONSE)

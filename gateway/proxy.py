@@ -1,9 +1,10 @@
 """The proxy handler: the only module that knows the order of the stages.
 
-path check 400 → route 404 → body ≤ max_body 413 → model 400/404 → concurrency 429
+guard (Host/Origin 403, API key 401) → draining 503 → path check 400 → route 404
+→ body ≤ max_body 413 → model 400/403/404 → concurrency (route, key) 429
 → credential 502 → upstream (connect, first_byte 504, 401 replay once) 502/504
-→ response headers → relay chunk by chunk → metrics and access log
-finally: release the concurrency slot, close the upstream response
+→ small answer whole, or headers then relay chunk by chunk → metrics and access log
+finally: release the concurrency slots, release the upstream response
 """
 
 from __future__ import annotations
@@ -190,16 +191,17 @@ class Proxy:
                 ex.status = CLIENT_GONE
                 if ex.end == "-":
                     ex.end = "client_gone"
-                self._finish(request, ex, monotonic())
+                self.record(request, ex, monotonic())
                 raise
-            self._finish(request, ex, monotonic())
+            self.record(request, ex, monotonic())
             return response
         finally:
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
 
-    def _finish(self, request: web.Request, ex: Exchange, now: float) -> None:
+    def record(self, request: web.Request, ex: Exchange, now: float) -> None:
+        """Metrics and the access-log line for one finished request."""
         duration = now - ex.start
         m = self.metrics
         status = str(ex.status)
@@ -212,7 +214,8 @@ class Proxy:
             request_id=ex.rid,
             key=ex.key,
             method=request.method,
-            path=request.path[:200],
+            # raw (still percent-encoded): a decoded %0A must not start a fake log line
+            path=request.raw_path.split("?", 1)[0][:200],
             route=ex.route,
             status=ex.status,
             duration_ms=round(duration * 1000, 1),

@@ -304,6 +304,8 @@ class Relay:
             self._source._waiter = None
 
     def _close(self) -> None:
+        if not self._reason:
+            self._reason = "client_gone"  # cancelled from outside: a pump already queued is moot
         self._unhook()
         if self._timer is not None:
             self._timer.cancel()

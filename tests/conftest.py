@@ -22,19 +22,9 @@ MODEL = "qwen2-7b"
 
 def base_config(cloud: FakeCloud) -> dict[str, Any]:
     """A gateway config (as parsed YAML) in front of ``cloud``; tests edit a copy."""
-    iam = cloud.iam
     return {
         "listen": {"host": "127.0.0.1", "port": 0},
-        "credentials": {
-            "main": {
-                "type": "iam_password",
-                "iam_url": cloud.iam_url,
-                "domain": iam.domain,
-                "user": iam.user,
-                "password": iam.password,
-                "project": next(iter(iam.projects)),
-            }
-        },
+        "credentials": {"main": cloud.iam_password_config()},
         "routes": [
             {
                 "name": "chat",

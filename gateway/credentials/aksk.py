@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from gateway.config import Secret
 from gateway.credentials import signing
-from gateway.credentials.base import Outgoing
+from gateway.credentials.base import Fixed, Outgoing
 from gateway.errors import CredentialUnavailable
 
 # Signed when the request carries them: what the API gateway reads to route and parse a request
@@ -25,7 +25,7 @@ OPTIONAL_SIGNED = ("Content-Type", "X-Security-Token")
 _DROP = ("Authorization", "X-Sdk-Date", "X-Sdk-Content-Sha256", "X-Security-Token")
 
 
-class Signer:
+class Signer(Fixed):
     """Signs every request with SDK-HMAC-SHA256; a 401 cannot be cured by signing again."""
 
     def __init__(
@@ -69,15 +69,3 @@ class Signer:
             key=self._key,
             secret=self._secret.reveal(),
         )
-
-    def invalidate(self, outgoing: Outgoing) -> bool:
-        return False
-
-    def ready(self) -> str | None:
-        return None
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass

@@ -61,3 +61,19 @@ class TokenSource(Protocol):
 
     def fingerprint(self) -> str:
         """A stable digest of the identity behind the tokens (keys on-disk caches)."""
+
+
+class Fixed:
+    """For credentials with nothing to fetch, refresh or stop: a refusal is final."""
+
+    def invalidate(self, outgoing: Outgoing) -> bool:
+        return False
+
+    def ready(self) -> str | None:
+        return None
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass

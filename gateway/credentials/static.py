@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from gateway.config import Secret
-from gateway.credentials.base import Outgoing
+from gateway.credentials.base import Fixed, Outgoing
 from gateway.credentials.cache_file import fingerprint
 from gateway.credentials.token_cache import Token
 from gateway.errors import CredentialUnavailable
@@ -19,7 +19,7 @@ log = logging.getLogger("gateway.credentials")
 MAX_TOKEN_FILE = 64 * 1024
 
 
-class StaticHeader:
+class StaticHeader(Fixed):
     """Sends one configured header; a refusal cannot be cured by retrying the same value."""
 
     def __init__(self, name: str, header: str, value: Secret, prefix: str = "") -> None:
@@ -30,18 +30,6 @@ class StaticHeader:
 
     async def apply(self, outgoing: Outgoing) -> None:
         outgoing.headers[self._header] = self._prefix + self._value.reveal()
-
-    def invalidate(self, outgoing: Outgoing) -> bool:
-        return False
-
-    def ready(self) -> str | None:
-        return None
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 class ApiKey(StaticHeader):
@@ -166,23 +154,11 @@ class TokenFile:
         pass
 
 
-class NoAuth:
+class NoAuth(Fixed):
     """For services deployed without authentication (and for local testing)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     async def apply(self, outgoing: Outgoing) -> None:
-        pass
-
-    def invalidate(self, outgoing: Outgoing) -> bool:
-        return False
-
-    def ready(self) -> str | None:
-        return None
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
         pass
