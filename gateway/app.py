@@ -79,12 +79,37 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     return app
 
 
-class _JsonErrorHandler(RequestHandler):
-    """aiohttp's protocol handler, answering unparsable requests in our JSON error shape.
+class _GatewayRequestHandler(RequestHandler):
+    """aiohttp's protocol handler with two changes.
 
-    aiohttp's own 400 is text/plain and quotes the offending bytes back, which may be a header
-    line holding a credential; ours is fixed text.
+    Unparsable requests are answered in our JSON error shape: aiohttp's own 400 is text/plain and
+    quotes the offending bytes back, which may be a header line holding a credential.
+
+    A connection whose first request's headers are not complete within ``header_timeout`` is
+    closed (aiohttp has no such limit): a client trickling headers a byte at a time would
+    otherwise hold its socket for ever, and enough of them would exhaust file descriptors.
     """
+
+    header_timeout = 0.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.header_timeout:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self.header_timeout, self._headers_too_slow
+            )
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self._request_count == 0 and self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -105,14 +130,20 @@ class _JsonErrorHandler(RequestHandler):
 
 
 class _Server(Server):
+    header_timeout = 0.0
+
     def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        handler = _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.header_timeout = self.header_timeout
+        return handler
 
 
 class _Runner(web.AppRunner):
     async def _make_server(self) -> Server:
         server = await super()._make_server()
         server.__class__ = _Server  # same state, our protocol handler factory
+        assert isinstance(server, _Server)
+        server.header_timeout = self.app[SETTINGS].listen.header_timeout
         return server
 
 

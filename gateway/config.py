@@ -202,6 +202,7 @@ class Listen:
     allowed_origins: tuple[str, ...] = ()
     allow_unauthenticated_remote: bool = False
     shutdown_grace: float = 30.0
+    header_timeout: float = 30.0
 
     @property
     def is_loopback(self) -> bool:
@@ -466,6 +467,7 @@ def _parse_listen(raw: object, problems: list[str]) -> Listen:
         allowed_origins=tuple(o.rstrip("/") for o in _string_list(s, "allowed_origins")),
         allow_unauthenticated_remote=allow_remote,
         shutdown_grace=s.convert("shutdown_grace", 30.0, parse_duration),
+        header_timeout=s.convert("header_timeout", 30.0, parse_duration),
     )
     s.finish()
     return listen

@@ -6,8 +6,10 @@ import asyncio
 
 import aiohttp
 import pytest
-from conftest import RunningGateway, chat_body
+from conftest import GatewayFactory, RunningGateway, chat_body
 from yarl import URL
+
+from gateway.fakes import FakeCloud
 
 
 async def connect(gw: RunningGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -173,3 +175,34 @@ async def test_parse_error_answer_does_not_echo_the_raw_request(
         writer.close()
     assert answer.startswith((b"HTTP/1.0 4", b"HTTP/1.1 4")) or answer == b""
     assert b"sk-client-secret-XYZ" not in answer
+
+
+async def test_headers_not_complete_within_header_timeout_close_the_connection(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(lambda c: c["listen"].update(header_timeout="300ms"))
+    reader, writer = await connect(gw)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: " + host(gw) + b"\r\nX-Slow: ")
+        await writer.drain()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        # the server closes: the read ends with no response at all
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.2 <= loop.time() - start < 4
+    finally:
+        writer.close()
+    await still_serving(gw, http)
+
+
+async def test_header_timeout_does_not_cut_a_request_whose_headers_came_in_time(
+    make_gateway: GatewayFactory, cloud: FakeCloud, http: aiohttp.ClientSession
+) -> None:
+    gw = await make_gateway(lambda c: c["listen"].update(header_timeout="200ms"))
+    cloud.modelarts.script.events, cloud.modelarts.script.interval = 6, 0.1  # ~0.7 s stream
+    async with http.post(gw.url + "/v1/chat/completions", json=chat_body()) as resp:
+        assert resp.status == 200
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    # and the kept-alive connection serves a second request after the timeout has passed
+    async with http.get(gw.url + "/healthz") as resp:
+        assert resp.status == 200
