@@ -900,9 +900,12 @@ def _vm(pid: int, field: str) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("client_pause", [0.0, 1.5], ids=["fast-client", "client-stops-reading"])
 async def test_a_100mb_stream_keeps_the_gateway_process_rss_flat(
-    cloud: FakeCloud, tmp_path: Path, http: aiohttp.ClientSession
+    cloud: FakeCloud, tmp_path: Path, http: aiohttp.ClientSession, client_pause: float
 ) -> None:
+    # with client_pause, the client stops reading after the first chunk while the upstream
+    # writes as fast as it can: flow control must hold the upstream back, not the gateway's memory
     port = closed_port()
     config = base_config(cloud)
     config["listen"]["port"] = port
@@ -953,6 +956,10 @@ async def test_a_100mb_stream_keeps_the_gateway_process_rss_flat(
                 total += len(chunk)
                 tail = (tail + chunk)[-64:]
                 peak = max(peak, _vm(proc.pid, "VmRSS"))
+                if client_pause and total == len(chunk):
+                    for _ in range(int(client_pause / 0.1)):
+                        await asyncio.sleep(0.1)  # not reading: the pause is the scenario
+                        peak = max(peak, _vm(proc.pid, "VmRSS"))
         assert tail.endswith(b"data: [DONE]\n\n")
         elapsed = loop.time() - start
         after = _vm(proc.pid, "VmRSS")
