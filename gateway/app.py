@@ -23,6 +23,7 @@ from gateway.proxy import Proxy
 from gateway.routing import Router
 from gateway.state import GATEWAY, METRICS, SETTINGS, Gateway
 from gateway.systemd import notify
+from gateway.upstream_client import UpstreamClient
 
 __all__ = ["GATEWAY", "METRICS", "build_app", "make_runner", "serve"]
 
@@ -33,22 +34,13 @@ log = logging.getLogger("gateway")
 FINAL_WRITE_GRACE = 2.0
 
 
-def _connector(settings: Settings) -> aiohttp.TCPConnector:
-    """A pool sized from the routes, so concurrency limits, not the pool, decide (default 100)."""
-    limit = sum(r.max_concurrency for r in settings.routes) + 16
-    return aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=300)
-
-
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings, metrics = app[SETTINGS], app[METRICS]
-    session = aiohttp.ClientSession(
-        connector=_connector(settings),
-        auto_decompress=False,  # bytes pass through as the upstream sent them
-        timeout=aiohttp.ClientTimeout(total=None),  # per-phase timeouts are enforced per request
-        cookie_jar=aiohttp.DummyCookieJar(),  # a shared gateway must not mix clients' cookies
-    )
+    # IAM calls (rare) go through aiohttp's client; proxied requests through the lean one.
+    session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
     credentials = build_credentials(settings.credentials, session, metrics.token_refreshed)
-    proxy = Proxy(settings, session, credentials, metrics)
+    client = UpstreamClient()
+    proxy = Proxy(settings, client, credentials, metrics)
     app[GATEWAY] = Gateway(settings, metrics, session, credentials, proxy)
     for credential in credentials.values():
         await credential.start()
@@ -57,6 +49,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         for credential in credentials.values():
             await credential.close()
+        await client.close()
         await session.close()
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from time import monotonic
 from urllib.parse import unquote
 
-import aiohttp
 from aiohttp import web
+from aiohttp.streams import EMPTY_PAYLOAD
 
 from gateway import log as gwlog
 from gateway.auth import Guard
@@ -40,6 +40,7 @@ from gateway.metrics import Metrics
 from gateway.relay import ClientSink, Relay
 from gateway.routing import PathGroup, Router
 from gateway.upstream import MAX_SMALL_BODY, apig_error, read_small_body, send, upstream_url
+from gateway.upstream_client import UpstreamClient, UpstreamResponse
 
 log = logging.getLogger("gateway.proxy")
 
@@ -143,13 +144,13 @@ class Proxy:
     def __init__(
         self,
         settings: Settings,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         credentials: Mapping[str, Credential],
         metrics: Metrics,
     ) -> None:
         self.router = Router(settings.routes)
         self.guard = Guard(settings.listen)
-        self.session = session
+        self.client = client
         self.credentials = credentials
         self.metrics = metrics
         self.route_limits = {
@@ -290,7 +291,7 @@ class Proxy:
         )
         outgoing.headers["X-Request-Id"] = ex.rid
         upstream = await send(
-            self.session, route, self.credentials[route.credential], outgoing, deadline
+            self.client, route, self.credentials[route.credential], outgoing, deadline
         )
         try:
             ex.ttfb = monotonic() - ex.start
@@ -309,7 +310,7 @@ class Proxy:
         return response
 
     async def _whole(
-        self, upstream: aiohttp.ClientResponse, route: Route, ex: Exchange, deadline: float
+        self, upstream: UpstreamResponse, route: Route, ex: Exchange, deadline: float
     ) -> web.Response:
         """A small, non-streaming answer, read whole and sent with its headers in one write.
 
@@ -338,7 +339,7 @@ class Proxy:
         self,
         request: web.Request,
         route: Route,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         ex: Exchange,
         deadline: float | None,
     ) -> web.StreamResponse:
@@ -387,8 +388,10 @@ class Proxy:
         return response
 
 
-def is_small(upstream: aiohttp.ClientResponse) -> bool:
+def is_small(upstream: UpstreamResponse) -> bool:
     """A non-streaming answer of known, small size (a completion, an error)."""
+    if upstream.content is EMPTY_PAYLOAD:  # no body at all (204, 304, HEAD)
+        return True
     length = upstream.content_length
     return (
         length is not None

@@ -6,7 +6,6 @@ This is the one boundary where aiohttp and asyncio exceptions become GatewayErro
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import re
@@ -24,6 +23,13 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from gateway.upstream_client import (
+    BadHeader,
+    ConnectFailed,
+    ConnectTimedOut,
+    UpstreamClient,
+    UpstreamResponse,
+)
 
 log = logging.getLogger("gateway.upstream")
 
@@ -33,30 +39,24 @@ log = logging.getLogger("gateway.upstream")
 MAX_SMALL_BODY = 64 * 1024
 
 
-@functools.lru_cache(maxsize=64)
-def client_timeout(connect: float) -> aiohttp.ClientTimeout:
-    """aiohttp's own timeouts: only the connect phase; first_byte, idle and total are ours."""
-    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=None)
-
-
 def upstream_url(route: Route, raw_path: str) -> URL:
     """The route's upstream plus the request's full path and query, as received."""
     return URL(route.upstream_base + raw_path, encoded=True)
 
 
 async def send(
-    session: aiohttp.ClientSession,
+    client: UpstreamClient,
     route: Route,
     credential: Credential,
     outgoing: Outgoing,
     deadline: float,
-) -> aiohttp.ClientResponse:
+) -> UpstreamResponse:
     """Response headers from the upstream, replaying once with a fresh credential after a 401.
 
     ``deadline`` is the loop time by which the whole exchange must be over (``total``).
     """
     await credential.apply(outgoing)
-    response = await _attempt(session, route, outgoing, deadline)
+    response = await _attempt(client, route, outgoing, deadline)
     if response.status != 401:
         return response
     if credential.invalidate(outgoing):
@@ -67,7 +67,7 @@ async def send(
             credential.name,
         )
         await credential.apply(outgoing)
-        response = await _attempt(session, route, outgoing, deadline)
+        response = await _attempt(client, route, outgoing, deadline)
         if response.status != 401:
             return response
     try:
@@ -80,7 +80,7 @@ async def send(
 _ERROR_CODE = re.compile(r"[A-Za-z0-9._-]{1,40}")
 
 
-async def _refusal(response: aiohttp.ClientResponse) -> str:
+async def _refusal(response: UpstreamResponse) -> str:
     """What a 401 says that is safe to repeat: APIG's error code, and a hint for a stale clock.
 
     Never the message itself: APIG's "verify signature fail" text quotes the signed headers
@@ -92,7 +92,7 @@ async def _refusal(response: aiohttp.ClientResponse) -> str:
         return detail
     try:
         async with asyncio.timeout(2):
-            data = json.loads(await response.read())
+            data = json.loads(await response.content.read())
         code, message = str(data["error_code"]), str(data.get("error_msg", ""))
     except (TimeoutError, ValueError, KeyError, TypeError, aiohttp.ClientError):
         return detail
@@ -104,8 +104,8 @@ async def _refusal(response: aiohttp.ClientResponse) -> str:
 
 
 async def _attempt(
-    session: aiohttp.ClientSession, route: Route, outgoing: Outgoing, deadline: float
-) -> aiohttp.ClientResponse:
+    client: UpstreamClient, route: Route, outgoing: Outgoing, deadline: float
+) -> UpstreamResponse:
     t = route.timeouts
     remaining = deadline - monotonic() if t.total else t.first_byte
     wait = min(t.first_byte, remaining)
@@ -113,15 +113,10 @@ async def _attempt(
         raise UpstreamTimeout("the request used up its total time", code="upstream_total_timeout")
     try:
         async with asyncio.timeout(wait):
-            return await session.request(
-                outgoing.method,
-                outgoing.url,
-                headers=outgoing.headers,
-                data=outgoing.body or None,
-                allow_redirects=False,
-                timeout=client_timeout(t.connect),
+            return await client.request(
+                outgoing.method, outgoing.url, outgoing.headers, outgoing.body, t.connect
             )
-    except aiohttp.ConnectionTimeoutError:
+    except ConnectTimedOut:
         raise UpstreamTimeout(
             f"could not connect to the upstream within {t.connect:g} s",
             code="upstream_connect_timeout",
@@ -135,15 +130,18 @@ async def _attempt(
         raise UpstreamTimeout(
             f"the upstream sent no response headers within {t.first_byte:g} s"
         ) from None
-    except aiohttp.ClientConnectorError as exc:
-        log.warning("route %r: cannot connect to upstream: %s", route.name, type(exc).__name__)
+    except ConnectFailed as exc:
+        log.warning("route %r: cannot connect to upstream: %s", route.name, exc.strerror)
         raise UpstreamUnreachable("the upstream is unreachable") from None
+    except BadHeader as exc:
+        log.warning("route %r: %s", route.name, exc)
+        raise UpstreamUnreachable("a header could not be sent", code="invalid_header") from None
     except (aiohttp.ClientError, OSError) as exc:
         log.warning("route %r: upstream request failed: %s", route.name, type(exc).__name__)
         raise UpstreamUnreachable("the upstream closed the connection without answering") from None
 
 
-async def read_small_body(response: aiohttp.ClientResponse, route: Route, deadline: float) -> bytes:
+async def read_small_body(response: UpstreamResponse, route: Route, deadline: float) -> bytes:
     """The whole body of a small non-streaming answer, read before any header goes out.
 
     Bounded by the route's ``idle`` and the ``total`` deadline like the relay, and translated

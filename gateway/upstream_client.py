@@ -1,0 +1,322 @@
+"""A lean HTTP/1.1 client for the upstream: keep-alive connections and aiohttp's parser.
+
+aiohttp's ``ClientSession`` costs about 80 µs of CPU per request on top of the socket work
+(request and response objects, cookie and redirect handling, tracing hooks, timers), which
+is most of what the gateway spends per request. The gateway needs much less: send bytes it
+already has, parse the response with aiohttp's own C parser, hand the body over as aiohttp's
+``StreamReader`` (so the relay and flow control are unchanged), and keep the connection for the
+next request. IAM calls still go through ``ClientSession``: they are rare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import deque
+from typing import Any, cast
+
+import aiohttp
+from aiohttp.http_parser import HttpResponseParser
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+READ_BUFSIZE = 2**16
+# An idle connection is not reused after this long: upstreams and the load balancers in front
+# of them close idle connections after a while, and a stale one costs a failed write.
+KEEPALIVE = 15.0
+MAX_IDLE_PER_HOST = 256
+
+ConnKey = tuple[str, str, int]
+
+
+class ConnectFailed(OSError):
+    """No connection could be made (refused, unreachable, DNS, TLS)."""
+
+
+class ConnectTimedOut(TimeoutError):
+    """No connection within the connect timeout."""
+
+
+class ClosedBeforeResponse(ConnectionError):
+    """The connection closed before a response's headers arrived."""
+
+
+class BadResponse(ConnectionError):
+    """The upstream's answer is not HTTP/1.x."""
+
+
+class BadHeader(ValueError):
+    """A header value would split the request (CR or LF in it, e.g. a token with a newline)."""
+
+
+class UpstreamResponse:
+    """Status, headers and a streaming body: the parts of aiohttp's ClientResponse we use."""
+
+    __slots__ = (
+        "_conn",
+        "content",
+        "content_length",
+        "content_type",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(self, conn: _Connection, message: Any, payload: aiohttp.StreamReader) -> None:
+        self._conn = conn
+        self.status: int = message.code
+        self.reason: str = message.reason
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.content = payload
+        raw_type = self.headers.get("Content-Type", "application/octet-stream")
+        self.content_type = raw_type.split(";", 1)[0].strip().lower()
+        length = self.headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+
+    def release(self) -> None:
+        """Done with the response: keep the connection if its body was read to the end."""
+        self._conn.finished(self.content.is_eof() and self.content.exception() is None)
+
+    def close(self) -> None:
+        self._conn.finished(False)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; the StreamReader's flow control drives its reading."""
+
+    def __init__(self, pool: UpstreamClient, key: ConnKey) -> None:
+        self._pool = pool
+        self.key = key
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._parser: Any = None
+        self._waiter: asyncio.Future[tuple[Any, aiohttp.StreamReader]] | None = None
+        self._payload: aiohttp.StreamReader | None = None
+        self._should_close = False
+        self._reading_paused = False
+        self.idle_since = 0.0
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:  # bytes nobody asked for: the connection is not reusable
+            self._should_close = True
+            if self.transport is not None:
+                self.transport.close()
+            return
+        try:
+            messages, _, _ = parser.feed_data(data)
+        except Exception:
+            self._fail(BadResponse("the upstream's answer could not be parsed"))
+            return
+        for message, payload in messages:
+            if 100 <= message.code < 200 and message.code != 101:
+                continue  # an interim answer; the real one follows on the same connection
+            if message.should_close:
+                self._should_close = True
+            self._payload = payload
+            waiter = self._waiter
+            self._waiter = None
+            if waiter is not None and not waiter.done():
+                waiter.set_result((message, payload))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._should_close = True
+        self._pool.forget(self)
+        parser, payload = self._parser, self._payload
+        if parser is not None and payload is not None and not payload.is_eof():
+            with contextlib.suppress(Exception):  # an incomplete body is reported just below
+                parser.feed_eof()  # completes a body that runs until the connection closes
+            if not payload.is_eof():
+                payload.set_exception(aiohttp.ClientPayloadError("the upstream closed mid-body"))
+        waiter = self._waiter
+        self._waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ClosedBeforeResponse("closed before answering"))
+
+    # --- what aiohttp's StreamReader expects of its protocol: liveness and flow control ------
+
+    @property
+    def connected(self) -> bool:
+        return self.transport is not None
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # --- use -----------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    async def exchange(
+        self, head: bytes, body: bytes, method: str
+    ) -> tuple[Any, aiohttp.StreamReader]:
+        """Send one request; the response's message and body reader once its headers are in."""
+        assert self.transport is not None
+        self._parser = HttpResponseParser(
+            self,  # type: ignore[arg-type]  # the flow-control part of BaseProtocol is all it uses
+            self._loop,
+            READ_BUFSIZE,
+            response_with_body=method != "HEAD",
+            read_until_eof=True,
+            auto_decompress=False,
+            payload_exception=aiohttp.ClientPayloadError,
+        )
+        self._payload = None
+        self._should_close = False
+        waiter = self._waiter = self._loop.create_future()
+        self.transport.write(head + body if len(body) < 16384 else head)
+        if len(body) >= 16384:
+            self.transport.write(body)
+        try:
+            message, payload = await waiter
+        except BaseException:
+            self._should_close = True
+            self.close()
+            raise
+        return message, payload
+
+    def finished(self, reusable: bool) -> None:
+        """The response is done with: back to the pool, or closed."""
+        if reusable and not self._should_close and self.usable:
+            self._parser = None
+            self._payload = None
+            self._pool.give_back(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _fail(self, exc: Exception) -> None:
+        self._should_close = True
+        waiter = self._waiter
+        self._waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        elif self._payload is not None and not self._payload.is_eof():
+            self._payload.set_exception(aiohttp.ClientPayloadError(str(exc)))
+        self.close()
+
+
+class UpstreamClient:
+    """Keep-alive connections per (scheme, host, port); requests go out as prepared bytes."""
+
+    def __init__(self) -> None:
+        self._idle: dict[ConnKey, deque[_Connection]] = {}
+        self._all: set[_Connection] = set()
+        self._ssl: ssl.SSLContext | None = None
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes,
+        connect_timeout: float,
+    ) -> UpstreamResponse:
+        """Send a request and return once the response headers are in.
+
+        A connection taken from the pool may have been closed by the upstream while idle; if it
+        closes before answering, the request is sent once more on a new connection (it cannot
+        have been processed: not one byte of an answer came back).
+        """
+        key = (url.scheme, url.host or "", url.port or (443 if url.scheme == "https" else 80))
+        head = _request_head(method, url, headers, body)
+        for attempt in (1, 2):
+            conn = self._take(key)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(key, connect_timeout)
+            try:
+                message, payload = await conn.exchange(head, body, method)
+            except ClosedBeforeResponse:
+                if reused and attempt == 1:
+                    continue
+                raise
+            return UpstreamResponse(conn, message, payload)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        for conn in list(self._all):
+            conn.close()
+        self._all.clear()
+        self._idle.clear()
+
+    # --- the pool ---------------------------------------------------------------------------
+
+    def _take(self, key: ConnKey) -> _Connection | None:
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to be stale
+            if conn.usable and now - conn.idle_since < KEEPALIVE:
+                return conn
+            conn.close()
+        return None
+
+    def give_back(self, conn: _Connection) -> None:
+        idle = self._idle.setdefault(conn.key, deque())
+        if len(idle) >= MAX_IDLE_PER_HOST:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+
+    def forget(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+
+    async def _connect(self, key: ConnKey, connect_timeout: float) -> _Connection:
+        scheme, host, port = key
+        loop = asyncio.get_running_loop()
+        conn = _Connection(self, key)
+        tls: ssl.SSLContext | None = None
+        if scheme == "https":
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            tls = self._ssl
+        try:
+            async with asyncio.timeout(connect_timeout):
+                await loop.create_connection(
+                    lambda: conn, host, port, ssl=tls, server_hostname=host if tls else None
+                )
+        except TimeoutError:
+            raise ConnectTimedOut(f"no connection within {connect_timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectFailed(exc.errno, type(exc).__name__) from None
+        self._all.add(conn)
+        return conn
+
+
+def _request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> bytes:
+    """Request line and headers; Host and Content-Length are the client's own business here."""
+    lines = [f"{method} {url.raw_path_qs} HTTP/1.1"]
+    if "Host" not in headers:
+        lines.append(f"Host: {url.host_port_subcomponent}")
+    for name, value in headers.items():
+        if "\n" in value or "\r" in value:
+            raise BadHeader(f"the value of header {name!r} contains a line break")
+        lines.append(f"{name}: {value}")
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
