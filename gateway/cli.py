@@ -14,8 +14,10 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from gateway.config import ConfigError, Settings, check_exposure, load_config
+from gateway.config.load import ConfigError, load_config
+from gateway.config.model import Settings
 from gateway.log import setup_logging
+from gateway.proxy.guard import check_exposure
 
 COMMANDS = ("serve", "check", "demo", "hash-key", "token")
 
@@ -92,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.command == "hash-key":
-        from gateway.auth import hash_key
+        from gateway.proxy.guard import hash_key
 
         key = args.key if args.key is not None else sys.stdin.readline().strip()
         if not key:
@@ -127,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = dataclasses.replace(settings, listen=listen)
     setup_logging(args.log_level, args.log_format)
 
-    from gateway.app import serve
+    from gateway.server.app import serve
 
     return _run(serve(settings, notify_socket=os.environ.get("NOTIFY_SOCKET")))
 

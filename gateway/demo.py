@@ -9,9 +9,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from gateway.app import serve
-from gateway.config import Settings, parse_settings
-from gateway.fakes import FakeCloud, start_fake_cloud
+from gateway.config.load import parse_settings
+from gateway.config.model import Settings
+from gateway.server.app import serve
+from gateway.testing import FakeCloud, start_fake_cloud
 
 DEMO_MODEL = "qwen2-7b"
 

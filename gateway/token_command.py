@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 
-from gateway.config import (
+from gateway.config.model import (
     AgencyCredential,
     CredentialConfig,
     IamPasswordCredential,

@@ -12,10 +12,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import METRICS, build_app, make_runner
-from gateway.config import Settings, parse_settings
-from gateway.fakes import FakeCloud, start_fake_cloud
+from gateway.config.load import parse_settings
+from gateway.config.model import Settings
 from gateway.metrics import Metrics
+from gateway.server.app import build_app, make_runner
+from gateway.server.state import METRICS
+from gateway.testing import FakeCloud, start_fake_cloud
 
 MODEL = "qwen2-7b"
 

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from conftest import GatewayFactory, chat_body
 
-from gateway.config import ConfigError, parse_settings
-from gateway.fakes import FakeCloud, FakeModelArts, serve_on_loopback
+from gateway.config.load import ConfigError, parse_settings
+from gateway.testing import FakeCloud, FakeModelArts, serve_on_loopback
 
 GW_KEY = "gw-api-key-0123456789abcdef"
 APP_CODE = "appcode-5d9c0f3a8b7e4d21a0b1c2d3e4f5a6b7"
@@ -314,11 +314,11 @@ async def test_agency_via_a_static_token_and_by_domain_id(
         },
     ) as resp:
         caller = resp.headers["X-Subject-Token"]
-    from gateway.fakes import _stable_id
+    from gateway.testing.common import stable_id
 
     def edit(config: dict[str, Any]) -> None:
         config["credentials"]["fixed"] = {"type": "token", "token": caller}
-        other = agency(cloud, via="fixed", domain_id=_stable_id("domain", "other-account"))
+        other = agency(cloud, via="fixed", domain_id=stable_id("domain", "other-account"))
         del other["domain_name"]
         config["credentials"]["other"] = other
         route_to("other")(config)

@@ -9,7 +9,7 @@ import pytest
 from conftest import GatewayFactory, RunningGateway, chat_body
 from yarl import URL
 
-from gateway.fakes import FakeCloud
+from gateway.testing import FakeCloud
 
 
 async def connect(gw: RunningGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -16,14 +16,9 @@ import aiohttp
 import pytest
 import yaml
 
-from gateway.config import (
-    ConfigError,
-    IamPasswordCredential,
-    StaticTokenCredential,
-    load_config,
-    parse_duration,
-    parse_settings,
-)
+from gateway.config.load import ConfigError, load_config, parse_settings
+from gateway.config.model import IamPasswordCredential, StaticTokenCredential
+from gateway.config.units import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.yaml"

@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from gateway.credentials.signing import authorization
-from gateway.fakes import FakeModelArts, serve_on_loopback
+from gateway.testing import FakeModelArts, serve_on_loopback
 
 AK, SK = "QTWAOYTTINDUT2QVKYUC", "MFyfvK41ba2giqM7Uio6PznpdUKGpownRZlmVmHc"
 APP_KEY, APP_SECRET = "0117c425f71487ea362ba84dc4abe5e1", "b1a2c3d4e5f60718293a4b5c6d7e8f90"

@@ -13,8 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.fakes import (
-    IAM_WRONG_PASSWORD,
+from gateway.testing import (
     SSE_CONTENT_TYPE,
     FakeCloud,
     FakeIAM,
@@ -22,6 +21,7 @@ from gateway.fakes import (
     serve_on_loopback,
     start_fake_cloud,
 )
+from gateway.testing.iam import IAM_WRONG_PASSWORD
 
 
 def password_body(

@@ -12,7 +12,7 @@ import pytest
 from conftest import MODEL, GatewayFactory, RunningGateway, chat_body
 from yarl import URL
 
-from gateway.fakes import FakeCloud, FakeModelArts, serve_on_loopback
+from gateway.testing import FakeCloud, FakeModelArts, serve_on_loopback
 
 CHAT = "/v1/chat/completions"
 

@@ -15,7 +15,7 @@ import openai
 import pytest
 from conftest import MODEL, GatewayFactory, RunningGateway
 
-from gateway.fakes import FakeCloud
+from gateway.testing import FakeCloud
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Hi"}]
 

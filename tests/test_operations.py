@@ -33,10 +33,11 @@ from conftest import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import GATEWAY, drain
-from gateway.config import parse_settings
-from gateway.fakes import FakeCloud, start_fake_cloud
+from gateway.config.load import parse_settings
 from gateway.metrics import STREAM_END_REASONS
+from gateway.server.app import drain
+from gateway.server.state import GATEWAY
+from gateway.testing import FakeCloud, start_fake_cloud
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 5.0  # bound on awaiting something that must happen (shared, slow CI machines)

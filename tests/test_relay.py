@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from gateway.metrics import ChunkStats
-from gateway.relay import HEARTBEAT, Relay, ends_event, error_event
+from gateway.proxy.sse import HEARTBEAT, Relay, ends_event, error_event
 
 EVENT = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n'
 HALF = b'data: {"choices": [{"delta": '

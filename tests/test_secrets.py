@@ -15,12 +15,13 @@ from conftest import GatewayFactory, RunningGateway, chat_body
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.app import GATEWAY
-from gateway.config import Secret, parse_settings
+from gateway.config.load import parse_settings
+from gateway.config.model import Secret
 from gateway.credentials import Outgoing
 from gateway.credentials.static import StaticToken
-from gateway.fakes import FakeCloud
 from gateway.log import setup_logging
+from gateway.server.state import GATEWAY
+from gateway.testing import FakeCloud
 
 PASSWORD = "Pa55-Secret-Fake-IAM-9f3c"
 WRONG_PASSWORD = "Wr0ng-Secret-Guess-7d1e"

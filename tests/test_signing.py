@@ -9,7 +9,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.config import Secret
+from gateway.config.model import Secret
 from gateway.credentials import Outgoing
 from gateway.credentials.aksk import Signer
 from gateway.credentials.signing import (

@@ -29,7 +29,7 @@ from aiohttp import web
 from conftest import GatewayFactory, RunningGateway, base_config, chat_body
 from multidict import CIMultiDict
 
-from gateway.fakes import SSE_CONTENT_TYPE, FakeCloud, serve_on_loopback
+from gateway.testing import SSE_CONTENT_TYPE, FakeCloud, serve_on_loopback
 
 CHAT = "/v1/chat/completions"
 ROOT = Path(__file__).resolve().parents[1]

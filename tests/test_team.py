@@ -22,8 +22,8 @@ import pytest
 import yaml
 from conftest import MODEL, GatewayFactory, RunningGateway, chat_body
 
-from gateway.config import ConfigError, parse_settings
-from gateway.fakes import FakeCloud
+from gateway.config.load import ConfigError, parse_settings
+from gateway.testing import FakeCloud
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 5.0  # bound on awaiting something that must happen (shared, slow CI machines)

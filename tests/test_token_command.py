@@ -13,7 +13,7 @@ import yaml
 from conftest import base_config
 
 from gateway import cli
-from gateway.fakes import FakeCloud
+from gateway.testing import FakeCloud
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from conftest import GatewayFactory, chat_body
 
 from gateway.credentials.cache_file import TokenCacheFile
 from gateway.credentials.token_cache import Token, TokenCache
-from gateway.fakes import FakeCloud
+from gateway.testing import FakeCloud
 
 
 async def iam_token(cloud: FakeCloud, http: aiohttp.ClientSession) -> str:

@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 from conftest import GatewayFactory, RunningGateway, chat_body
 
-from gateway.app import GATEWAY
 from gateway.credentials.token_cache import TokenCache
-from gateway.fakes import FakeCloud
+from gateway.server.state import GATEWAY
+from gateway.testing import FakeCloud
 
 DAY = 86400.0
 

@@ -16,8 +16,8 @@ from conftest import GatewayFactory
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.fakes import serve_on_loopback
-from gateway.upstream_client import BadHeader, ConnectFailed, UpstreamClient
+from gateway.http1 import BadHeader, ConnectFailed, UpstreamClient
+from gateway.testing import serve_on_loopback
 
 
 class Recorder:

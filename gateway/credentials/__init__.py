@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 
-from gateway.config import (
+from gateway.config.model import (
     AgencyCredential,
     AkSkCredential,
     ApiKeyCredential,

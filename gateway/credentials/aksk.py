@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from gateway.config import Secret
+from gateway.config.model import Secret
 from gateway.credentials import signing
 from gateway.credentials.base import Fixed, Outgoing
 from gateway.errors import CredentialUnavailable

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.config import AgencyCredential, IamPasswordCredential
+from gateway.config.model import AgencyCredential, IamPasswordCredential
 from gateway.credentials.base import Outgoing, TokenSource
 from gateway.credentials.cache_file import TokenCacheFile, fingerprint, password_hash
 from gateway.credentials.token_cache import FetchFailed, RefreshListener, Token, TokenCache

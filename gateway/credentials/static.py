@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from gateway.config import Secret
+from gateway.config.model import Secret
 from gateway.credentials.base import Fixed, Outgoing
 from gateway.credentials.cache_file import fingerprint
 from gateway.credentials.token_cache import Token

@@ -2,22 +2,42 @@
 
 Loading is pure: no logging, no ``sys.exit``. Every problem is collected with its dotted key
 (``routes[0].upstream: ...``) so ``check`` can print them all at once; ``load_config`` raises a
-single :class:`ConfigError` carrying the list.
-"""
+single :class:`ConfigError` carrying the list."""
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from yarl import URL
+
+from gateway.config.env import expand, join_key
+from gateway.config.model import (
+    TOKEN_CREDENTIAL_TYPES,
+    AgencyCredential,
+    AkSkCredential,
+    ApiKey,
+    ApiKeyCredential,
+    AppAkSkCredential,
+    AppCodeCredential,
+    CredentialConfig,
+    IamPasswordCredential,
+    Listen,
+    NoCredential,
+    Route,
+    Secret,
+    Settings,
+    StaticTokenCredential,
+    Timeouts,
+    TokenFileCredential,
+)
+from gateway.config.units import parse_duration, parse_size
+from gateway.proxy.guard import check_exposure
 
 
 class ConfigError(Exception):
@@ -26,290 +46,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-class Secret:
-    """A string that never shows itself in repr, str, f-strings or tracebacks."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    def __str__(self) -> str:
-        return "***"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-# --- typed settings -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Per-phase upstream timeouts in seconds (0 = off for idle/total)."""
-
-    connect: float = 5.0
-    first_byte: float = 120.0
-    idle: float = 60.0
-    total: float = 1800.0
-
-
-@dataclass(frozen=True)
-class Route:
-    name: str
-    path: str
-    upstream: URL
-    credential: str
-    models: tuple[str, ...] = ()
-    max_body: int = 8 * 1024 * 1024
-    max_concurrency: int = 64
-    heartbeat: float = 15.0
-    timeouts: Timeouts = field(default_factory=Timeouts)
-
-    @cached_property
-    def upstream_base(self) -> str:
-        """``upstream`` as text without a trailing slash, for joining request paths per call."""
-        return str(self.upstream).rstrip("/")
-
-
-@dataclass(frozen=True)
-class IamPasswordCredential:
-    name: str
-    iam_url: URL
-    domain: str
-    user: str
-    password: Secret
-    project: str | None
-    project_id: str | None
-    refresh_margin: float = 300.0
-    region: str | None = None
-    cache_file: Path | None = None  # on-disk token cache (mode 0600)
-
-
-@dataclass(frozen=True)
-class StaticTokenCredential:
-    name: str
-    token: Secret
-
-
-@dataclass(frozen=True)
-class TokenFileCredential:
-    """``type: token`` with ``token_file``: re-read whenever the file changes."""
-
-    name: str
-    token_file: Path
-
-
-@dataclass(frozen=True)
-class NoCredential:
-    name: str
-
-
-@dataclass(frozen=True)
-class ApiKeyCredential:
-    """``Authorization: Bearer <key>`` (API-key online services, ModelArts MaaS)."""
-
-    name: str
-    key: Secret
-
-
-@dataclass(frozen=True)
-class AppCodeCredential:
-    """``X-Apig-AppCode: <code>`` (APIG app authentication, simple mode)."""
-
-    name: str
-    code: Secret
-
-
-@dataclass(frozen=True)
-class AkSkCredential:
-    """IAM access keys: every request signed with SDK-HMAC-SHA256."""
-
-    name: str
-    ak: str
-    sk: Secret
-    security_token: Secret | None = None  # temporary keys: sent (and signed) as X-Security-Token
-
-
-@dataclass(frozen=True)
-class AppAkSkCredential:
-    """APIG app authentication: AppKey/AppSecret, signed like ``aksk``."""
-
-    name: str
-    app_key: str
-    app_secret: Secret
-
-
-@dataclass(frozen=True)
-class AgencyCredential:
-    """A token for another account, through an agency (IAM ``assume_role``)."""
-
-    name: str
-    via: str  # the credential whose token authorises the assume_role request
-    iam_url: URL
-    domain_name: str | None
-    domain_id: str | None
-    agency_name: str
-    project: str | None
-    project_id: str | None
-    refresh_margin: float = 300.0
-    region: str | None = None
-    cache_file: Path | None = None
-
-
-CredentialConfig = (
-    IamPasswordCredential
-    | StaticTokenCredential
-    | TokenFileCredential
-    | NoCredential
-    | ApiKeyCredential
-    | AppCodeCredential
-    | AkSkCredential
-    | AppAkSkCredential
-    | AgencyCredential
-)
-# Types whose credential yields an IAM token, so an agency may use it as ``via``.
-TOKEN_CREDENTIAL_TYPES = ("iam_password", "agency", "token")
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """A downstream client's key, kept only as its SHA-256 digest."""
-
-    name: str
-    sha256: bytes = field(repr=False)
-    max_concurrency: int | None = None
-    models: tuple[str, ...] | None = None  # None: every model
-
-
-@dataclass(frozen=True)
-class Listen:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_keys: tuple[ApiKey, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()
-    allowed_origins: tuple[str, ...] = ()
-    allow_unauthenticated_remote: bool = False
-    shutdown_grace: float = 30.0
-    header_timeout: float = 30.0
-
-    @property
-    def is_loopback(self) -> bool:
-        return is_loopback_host(self.host)
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass(frozen=True)
-class Settings:
-    listen: Listen
-    credentials: Mapping[str, CredentialConfig]
-    routes: tuple[Route, ...]
-
-
-# --- units ------------------------------------------------------------------------------------
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|k|K|M|G)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KB": 1000,
-    "MB": 1000**2,
-    "GB": 1000**3,
-    "k": 1024,
-    "K": 1024,
-    "M": 1024**2,
-    "G": 1024**3,
-    "KiB": 1024,
-    "MiB": 1024**2,
-    "GiB": 1024**3,
-}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like ``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 30, '500ms', '30s' or '5m'")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    else:
-        raise ValueError(f"expected a duration like 30, '500ms', '30s' or '5m', got {value!r}")
-    if seconds < 0:
-        raise ValueError("must not be negative")
-    return seconds
-
-
-def parse_size(value: object) -> int:
-    """Bytes from a number or a string like ``"8MiB"``, ``"512KiB"``, ``"1MB"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size like 1048576 or '8MiB'")
-    if isinstance(value, int):
-        size = value
-    elif isinstance(value, str) and (m := _SIZE.match(value)):
-        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
-    else:
-        raise ValueError(f"expected a size like 1048576 or '8MiB', got {value!r}")
-    if size < 0:
-        raise ValueError("must not be negative")
-    return size
-
-
-# --- ${VAR} expansion -----------------------------------------------------------------------
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand(value: Any, key: str, environ: Mapping[str, str], problems: list[str]) -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
-    if isinstance(value, dict):
-        return {k: _expand(v, _join(key, str(k)), environ, problems) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, f"{key}[{i}]", environ, problems) for i, v in enumerate(value)]
-    if not isinstance(value, str) or "$" not in value:
-        return value
-
-    def substitute(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name, default = m.group(1), m.group(2)
-        if name in environ:
-            return environ[name]
-        if default is not None:
-            return default
-        problems.append(f"{key}: environment variable {name} is not set")
-        return ""
-
-    return _VAR.sub(substitute, value)
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-# --- validation helpers -------------------------------------------------------------------
 
 
 class _Section:
@@ -327,7 +63,7 @@ class _Section:
         self.used: set[str] = set()
 
     def sub(self, name: str) -> str:
-        return _join(self.key, name)
+        return join_key(self.key, name)
 
     def problem(self, name: str, message: str) -> None:
         prefix = f"{self.sub(name)}: "
@@ -473,21 +209,6 @@ def _parse_listen(raw: object, problems: list[str]) -> Listen:
     return listen
 
 
-def check_exposure(listen: Listen) -> str | None:
-    """Why this listen address must not start as configured, or None.
-
-    Checked after ``--host`` overrides too, so the CLI calls it on the final settings.
-    """
-    if listen.is_loopback or listen.api_keys or listen.allow_unauthenticated_remote:
-        return None
-    return (
-        f"listen.host: {listen.host!r} is reachable from other machines and listen.api_keys "
-        "is empty: anyone who can reach it would use your cloud token. Add listen.api_keys, "
-        "or set listen.allow_unauthenticated_remote: true if that is really intended"
-    )
-
-
-# Huawei Cloud region ids: cn-southwest-2, ap-southeast-1, eu-west-101, ru-moscow-1, ...
 _REGION = re.compile(r"^[a-z]{2,}(?:-[a-z]+)+-\d+$")
 
 
@@ -773,7 +494,7 @@ def _parse_routes(
 def parse_settings(raw: object, environ: Mapping[str, str]) -> Settings:
     """Validate an already-parsed YAML document; raises :class:`ConfigError`."""
     problems: list[str] = []
-    expanded = _expand(raw, "", environ, problems)
+    expanded = expand(raw, "", environ, problems)
     top = _Section(expanded, "", problems)
     listen = _parse_listen(top.get("listen"), problems)
     credentials = _parse_credentials(top.get("credentials"), problems)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 
 from aiohttp import web
 
-from gateway.config import ApiKey, Listen, is_loopback_host
+from gateway.config.model import ApiKey, Listen
 from gateway.errors import Forbidden, Unauthorized
 
 LOCAL_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
@@ -97,3 +98,51 @@ class Guard:
         if found is None:
             raise Unauthorized("the API key is not valid")
         return found
+
+
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
+)
+
+
+def add_cors(response: web.StreamResponse, origin: str) -> None:
+    """CORS headers for an allowed origin (``listen.allowed_origins``)."""
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+    response.headers.add("Vary", "Origin")
+
+
+def preflight(origin: str, request: web.Request) -> web.Response:
+    """The answer to a CORS preflight from an allowed origin."""
+    response = web.Response(status=204)
+    add_cors(response, origin)
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+        "Access-Control-Request-Headers", CORS_ALLOW_HEADERS
+    )
+    response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(listen: Listen) -> str | None:
+    """Why this listen address must not start as configured, or None.
+
+    Checked after ``--host`` overrides too, so the CLI calls it on the final settings.
+    """
+    if is_loopback_host(listen.host) or listen.api_keys or listen.allow_unauthenticated_remote:
+        return None
+    return (
+        f"listen.host: {listen.host!r} is reachable from other machines and listen.api_keys "
+        "is empty: anyone who can reach it would use your cloud token. Add listen.api_keys, "
+        "or set listen.allow_unauthenticated_remote: true if that is really intended"
+    )

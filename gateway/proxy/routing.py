@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
-from gateway.config import Route
+from gateway.config.model import Route
 from gateway.errors import BadRequest, NotFound
 
 
@@ -64,3 +66,29 @@ class Router:
                 for m in route.models:
                     seen.setdefault(m, None)
         return list(seen)
+
+
+def check_path(raw_path: str) -> None:
+    """Refuse dot-segments: joined to the upstream URL they could climb out of the service."""
+    path = raw_path.split("?", 1)[0]
+    for segment in path.split("/"):
+        if segment in (".", "..") or unquote(segment) in (".", ".."):
+            raise BadRequest("the path must not contain '.' or '..' segments", code="invalid_path")
+
+
+def model_of(body: bytes) -> str | None:
+    """The body's ``model`` field; None when there is no body or no such field."""
+    if not body.strip():
+        return None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = data.get("model")
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        raise BadRequest('"model" must be a string', code="invalid_model")
+    return model

@@ -14,29 +14,23 @@ from time import monotonic
 import aiohttp
 from yarl import URL
 
-from gateway.config import Route
+from gateway.config.model import Route
 from gateway.credentials import Credential, Outgoing
 from gateway.errors import (
-    GatewayError,
     UpstreamAuthRejected,
-    UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from gateway.upstream_client import (
+from gateway.http1 import (
     BadHeader,
     ConnectFailed,
     ConnectTimedOut,
     UpstreamClient,
     UpstreamResponse,
 )
+from gateway.proxy.response import MAX_SMALL_BODY
 
 log = logging.getLogger("gateway.upstream")
-
-
-# A non-streaming answer up to this size is read whole and sent in one write (an APIG-shaped
-# error among them is re-shaped); larger ones and every stream are relayed chunk by chunk.
-MAX_SMALL_BODY = 64 * 1024
 
 
 def upstream_url(route: Route, raw_path: str) -> URL:
@@ -139,56 +133,3 @@ async def _attempt(
     except (aiohttp.ClientError, OSError) as exc:
         log.warning("route %r: upstream request failed: %s", route.name, type(exc).__name__)
         raise UpstreamUnreachable("the upstream closed the connection without answering") from None
-
-
-async def read_small_body(response: UpstreamResponse, route: Route, deadline: float) -> bytes:
-    """The whole body of a small non-streaming answer, read before any header goes out.
-
-    Bounded by the route's ``idle`` and the ``total`` deadline like the relay, and translated
-    here, so an upstream that stalls or drops the connection mid-body becomes a 504 or 502 for
-    the client instead of a request that hangs for ever or an unhandled exception (aiohttp's
-    bare text/plain 500, without X-Request-Id).
-    """
-    content = response.content
-    if content.is_eof():  # already here whole, as small answers usually are
-        try:
-            return content.read_nowait(-1)
-        except (aiohttp.ClientError, OSError):
-            raise UpstreamError("the upstream connection failed") from None
-    idle = route.timeouts.idle
-    until_deadline = deadline - monotonic()
-    wait = min(idle, until_deadline) if idle else until_deadline
-    try:
-        async with asyncio.timeout(wait):
-            return await response.content.read()
-    except TimeoutError:
-        if monotonic() >= deadline:
-            raise UpstreamTimeout(
-                "the request used up its total time", code="upstream_total_timeout"
-            ) from None
-        raise UpstreamTimeout(
-            "the upstream sent nothing for too long", code="upstream_idle_timeout"
-        ) from None
-    except (aiohttp.ClientError, OSError) as exc:
-        log.warning("route %r: upstream error body cut short: %s", route.name, type(exc).__name__)
-        raise UpstreamError("the upstream connection failed") from None
-
-
-def apig_error(status: int, body: bytes) -> GatewayError | None:
-    """An APIG-shaped error (``{"error_code", "error_msg"}``) as an OpenAI-shaped one, else None.
-
-    ModelArts' API gateway answers its own failures (throttling, size limit, ...) in its own
-    shape; OpenAI clients show only ``error.message``, so its text is carried over.
-    """
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or "error_code" not in data or "error" in data:
-        return None
-    err = GatewayError(
-        str(data.get("error_msg", "upstream error"))[:500], code=str(data["error_code"])[:64]
-    )
-    err.status = status
-    err.type = "upstream_error"
-    return err

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from gateway.config import Settings
+from gateway.config.model import Settings
 from gateway.credentials import Credential
 from gateway.metrics import Metrics
-from gateway.proxy import Proxy
+from gateway.proxy.handler import Proxy
 
 
 @dataclass

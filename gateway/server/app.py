@@ -14,16 +14,16 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
-from gateway import endpoints
-from gateway.config import Settings
+from gateway.config.model import Settings
 from gateway.credentials import build_credentials
 from gateway.errors import error_body
+from gateway.http1 import UpstreamClient
 from gateway.metrics import Metrics
-from gateway.proxy import Proxy
-from gateway.routing import Router
-from gateway.state import GATEWAY, METRICS, SETTINGS, Gateway
-from gateway.systemd import notify
-from gateway.upstream_client import UpstreamClient
+from gateway.proxy.handler import Proxy
+from gateway.proxy.routing import Router
+from gateway.server import endpoints
+from gateway.server.state import GATEWAY, METRICS, SETTINGS, Gateway
+from gateway.server.systemd import notify
 
 __all__ = ["GATEWAY", "METRICS", "build_app", "make_runner", "serve"]
 

@@ -1,0 +1,191 @@
+"""The settings as typed, frozen objects: what the rest of the gateway reads, never YAML."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from yarl import URL
+
+
+class Secret:
+    """A string that never shows itself in repr, str, f-strings or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-phase upstream timeouts in seconds (0 = off for idle/total)."""
+
+    connect: float = 5.0
+    first_byte: float = 120.0
+    idle: float = 60.0
+    total: float = 1800.0
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    path: str
+    upstream: URL
+    credential: str
+    models: tuple[str, ...] = ()
+    max_body: int = 8 * 1024 * 1024
+    max_concurrency: int = 64
+    heartbeat: float = 15.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @cached_property
+    def upstream_base(self) -> str:
+        """``upstream`` as text without a trailing slash, for joining request paths per call."""
+        return str(self.upstream).rstrip("/")
+
+
+@dataclass(frozen=True)
+class IamPasswordCredential:
+    name: str
+    iam_url: URL
+    domain: str
+    user: str
+    password: Secret
+    project: str | None
+    project_id: str | None
+    refresh_margin: float = 300.0
+    region: str | None = None
+    cache_file: Path | None = None  # on-disk token cache (mode 0600)
+
+
+@dataclass(frozen=True)
+class StaticTokenCredential:
+    name: str
+    token: Secret
+
+
+@dataclass(frozen=True)
+class TokenFileCredential:
+    """``type: token`` with ``token_file``: re-read whenever the file changes."""
+
+    name: str
+    token_file: Path
+
+
+@dataclass(frozen=True)
+class NoCredential:
+    name: str
+
+
+@dataclass(frozen=True)
+class ApiKeyCredential:
+    """``Authorization: Bearer <key>`` (API-key online services, ModelArts MaaS)."""
+
+    name: str
+    key: Secret
+
+
+@dataclass(frozen=True)
+class AppCodeCredential:
+    """``X-Apig-AppCode: <code>`` (APIG app authentication, simple mode)."""
+
+    name: str
+    code: Secret
+
+
+@dataclass(frozen=True)
+class AkSkCredential:
+    """IAM access keys: every request signed with SDK-HMAC-SHA256."""
+
+    name: str
+    ak: str
+    sk: Secret
+    security_token: Secret | None = None  # temporary keys: sent (and signed) as X-Security-Token
+
+
+@dataclass(frozen=True)
+class AppAkSkCredential:
+    """APIG app authentication: AppKey/AppSecret, signed like ``aksk``."""
+
+    name: str
+    app_key: str
+    app_secret: Secret
+
+
+@dataclass(frozen=True)
+class AgencyCredential:
+    """A token for another account, through an agency (IAM ``assume_role``)."""
+
+    name: str
+    via: str  # the credential whose token authorises the assume_role request
+    iam_url: URL
+    domain_name: str | None
+    domain_id: str | None
+    agency_name: str
+    project: str | None
+    project_id: str | None
+    refresh_margin: float = 300.0
+    region: str | None = None
+    cache_file: Path | None = None
+
+
+CredentialConfig = (
+    IamPasswordCredential
+    | StaticTokenCredential
+    | TokenFileCredential
+    | NoCredential
+    | ApiKeyCredential
+    | AppCodeCredential
+    | AkSkCredential
+    | AppAkSkCredential
+    | AgencyCredential
+)
+# Types whose credential yields an IAM token, so an agency may use it as ``via``.
+TOKEN_CREDENTIAL_TYPES = ("iam_password", "agency", "token")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A downstream client's key, kept only as its SHA-256 digest."""
+
+    name: str
+    sha256: bytes = field(repr=False)
+    max_concurrency: int | None = None
+    models: tuple[str, ...] | None = None  # None: every model
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple[ApiKey, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    allow_unauthenticated_remote: bool = False
+    shutdown_grace: float = 30.0
+    header_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: Listen
+    credentials: Mapping[str, CredentialConfig]
+    routes: tuple[Route, ...]

@@ -1,0 +1,92 @@
+"""One client call as the gateway records it: request id, error answer, access-log line, metrics.
+
+Shared by proxied calls and the gateway's own ``/v1/models``, so both log and count alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway import log as gwlog
+from gateway.errors import (
+    GatewayError,
+)
+from gateway.metrics import Metrics
+
+log = logging.getLogger("gateway.proxy")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+CLIENT_GONE = 499  # nginx's convention, for logs and metrics only
+
+
+class RequestIds:
+    """Fresh request ids: a random per-process prefix and a counter.
+
+    Unique and cheap (a uuid4 costs a getrandom() call per request); they need not be secret.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._next = itertools.count(1).__next__
+
+    def __call__(self, request: web.Request) -> str:
+        """The client's X-Request-Id when it is a sane token, else a fresh one."""
+        given = request.headers.get("X-Request-Id")
+        if given is not None and _REQUEST_ID.match(given):
+            return given
+        return f"{self._prefix}{self._next():016x}"
+
+
+def error_response(err: GatewayError, rid: str) -> web.Response:
+    headers = {"X-Request-Id": rid}
+    if err.status == 429:
+        headers["Retry-After"] = "1"
+    return web.Response(
+        status=err.status, body=err.body(), content_type="application/json", headers=headers
+    )
+
+
+@dataclass
+class Exchange:
+    """What one request did, for the access log and metrics."""
+
+    rid: str
+    start: float
+    route: str = "-"
+    key: str = "-"
+    status: int = 0
+    ttfb: float | None = None
+    bytes: int = 0
+    end: str = "-"
+    cors_origin: str | None = None
+
+
+def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> None:
+    """Metrics and the access-log line for one finished request."""
+    duration = now - ex.start
+    m = metrics
+    status = str(ex.status)
+    m.child(m.requests, ex.route, status).inc()
+    if ex.route != "-":
+        m.child(m.duration, ex.route).observe(duration)
+    if ex.key != "-":
+        m.child(m.key_requests, ex.key, status).inc()
+    gwlog.access(
+        request_id=ex.rid,
+        key=ex.key,
+        method=request.method,
+        # raw (still percent-encoded): a decoded %0A must not start a fake log line
+        path=request.raw_path.split("?", 1)[0][:200],
+        route=ex.route,
+        status=ex.status,
+        duration_ms=round(duration * 1000, 1),
+        ttfb_ms=round(ex.ttfb * 1000, 1) if ex.ttfb is not None else "-",
+        bytes=ex.bytes,
+        end=ex.end,
+    )

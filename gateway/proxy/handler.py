@@ -1,0 +1,209 @@
+"""The proxy handler: the only module that knows the order of the stages.
+
+guard (Host/Origin 403, API key 401) → draining 503 → path check 400 → route 404
+→ body ≤ max_body 413 → model 400/403/404 → concurrency (route, key) 429
+→ credential 502 → upstream (connect, first_byte 504, 401 replay once) 502/504
+→ small answer whole, or headers then relay chunk by chunk → metrics and access log
+finally: release the concurrency slots, release the upstream response
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from time import monotonic
+
+from aiohttp import web
+
+from gateway import log as gwlog
+from gateway.config.model import ApiKey, Route, Settings
+from gateway.credentials import Credential, Outgoing
+from gateway.errors import (
+    Forbidden,
+    GatewayError,
+    ServiceUnavailable,
+    TooManyRequests,
+)
+from gateway.http1 import UpstreamClient
+from gateway.metrics import Metrics
+from gateway.proxy.exchange import CLIENT_GONE, Exchange, RequestIds, error_response, record
+from gateway.proxy.guard import Guard, add_cors, preflight
+from gateway.proxy.headers import upstream_request_headers
+from gateway.proxy.limits import ConcurrencyLimit, read_body, too_large
+from gateway.proxy.response import is_small, relay_body, whole
+from gateway.proxy.routing import PathGroup, Router, check_path, model_of
+from gateway.proxy.sse import Relay
+from gateway.proxy.upstream import send, upstream_url
+
+log = logging.getLogger("gateway.proxy")
+
+# Answers a guarded call: (request, its exchange record, the caller's key or None).
+Answer = Callable[[web.Request, Exchange, ApiKey | None], Awaitable[web.StreamResponse]]
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        client: UpstreamClient,
+        credentials: Mapping[str, Credential],
+        metrics: Metrics,
+    ) -> None:
+        self.router = Router(settings.routes)
+        self.guard = Guard(settings.listen)
+        self.client = client
+        self.credentials = credentials
+        self.metrics = metrics
+        self.route_limits = {
+            r.name: ConcurrencyLimit(r.max_concurrency, f"route {r.name!r}")
+            for r in settings.routes
+        }
+        self.key_limits = {
+            k.name: ConcurrencyLimit(k.max_concurrency, f"API key {k.name!r}")
+            for k in settings.listen.api_keys
+            if k.max_concurrency
+        }
+        self.request_id = RequestIds()
+        self.relays: set[Relay] = set()
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """A proxied call."""
+        return await self.serve(request, self._proxy)
+
+    async def serve(self, request: web.Request, answer: Answer) -> web.StreamResponse:
+        """Any client call, proxied or answered by the gateway itself (``/v1/models``).
+
+        One request id, one guard, one error shape, one access-log line and the same metrics.
+        """
+        ex = Exchange(rid=self.request_id(request), start=monotonic())
+        gwlog.request_id.set(ex.rid)
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            try:
+                response = await self._guarded(request, ex, answer)
+            except GatewayError as err:
+                ex.status = err.status
+                if ex.ttfb is None:  # refused by the gateway, not answered by the upstream
+                    self.metrics.rejected.labels(ex.route, err.code).inc()
+                if err.status >= 500:
+                    log.warning("%s: %s", err.code, err.message)
+                response = error_response(err, ex.rid)
+                if ex.cors_origin:
+                    add_cors(response, ex.cors_origin)
+                if self.draining:
+                    response.force_close()
+            except asyncio.CancelledError:
+                ex.status = CLIENT_GONE
+                if ex.end == "-":
+                    ex.end = "client_gone"
+                record(self.metrics, request, ex, monotonic())
+                raise
+            record(self.metrics, request, ex, monotonic())
+            return response
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+
+    async def _guarded(
+        self, request: web.Request, ex: Exchange, answer: Answer
+    ) -> web.StreamResponse:
+        # before check(): its 401/403 must be readable by an allowed origin's page too
+        ex.cors_origin = self.guard.allowed_origin(request)
+        key = self.guard.check(request)
+        if ex.cors_origin and request.method == "OPTIONS":
+            ex.status = 204
+            return preflight(ex.cors_origin, request)
+        if key is not None:
+            ex.key = key.name
+        return await answer(request, ex, key)
+
+    async def _proxy(
+        self, request: web.Request, ex: Exchange, key: ApiKey | None
+    ) -> web.StreamResponse:
+        if self.draining:
+            raise ServiceUnavailable("the gateway is shutting down; retry on another instance")
+        check_path(request.raw_path)
+        group = self.router.match(request.path)
+        route, body = await self._select(request, group, key, ex)
+        limits = [self.route_limits[route.name]]
+        if key is not None and key.name in self.key_limits:
+            limits.append(self.key_limits[key.name])
+        for i, limit in enumerate(limits):
+            try:
+                limit.acquire()
+            except TooManyRequests:
+                for taken in limits[:i]:
+                    taken.release()
+                raise
+        try:
+            return await self._forward(request, route, body, ex)
+        finally:
+            for limit in limits:
+                limit.release()
+
+    async def _select(
+        self, request: web.Request, group: PathGroup, key: ApiKey | None, ex: Exchange
+    ) -> tuple[Route, bytes]:
+        """The route for this request and its body (read within the route's max_body)."""
+        restricted = key is not None and key.models is not None
+        if not group.needs_model and not restricted:
+            route = group.routes[0]
+            ex.route = route.name
+            return route, await read_body(request, route.max_body)
+        if len(group.routes) == 1:
+            ex.route = group.routes[0].name
+        body = await read_body(request, max(r.max_body for r in group.routes))
+        model = model_of(body)
+        if key is not None and key.models is not None and model not in key.models:
+            raise Forbidden(
+                f"API key {key.name!r} may not use this model", code="model_not_allowed"
+            )
+        route = group.select(model)
+        ex.route = route.name
+        if len(body) > route.max_body:
+            raise too_large(len(body), route.max_body)
+        return route, body
+
+    async def _forward(
+        self, request: web.Request, route: Route, body: bytes, ex: Exchange
+    ) -> web.StreamResponse:
+        total = route.timeouts.total
+        deadline = ex.start + total if total else monotonic() + 10 * 365 * 86400.0
+        outgoing = Outgoing(
+            method=request.method,
+            url=upstream_url(route, request.raw_path),
+            headers=upstream_request_headers(request.headers),
+            body=body,
+        )
+        outgoing.headers["X-Request-Id"] = ex.rid
+        upstream = await send(
+            self.client, route, self.credentials[route.credential], outgoing, deadline
+        )
+        try:
+            ex.ttfb = monotonic() - ex.start
+            self.metrics.child(self.metrics.ttfb, route.name).observe(ex.ttfb)
+            ex.status = upstream.status
+            response: web.StreamResponse
+            if is_small(upstream):
+                response = await whole(upstream, route, ex, deadline, self.metrics)
+            else:
+                response = await relay_body(
+                    request,
+                    route,
+                    upstream,
+                    ex,
+                    deadline if total else None,
+                    self.metrics,
+                    self.relays,
+                )
+        finally:
+            # back to the pool when the body was read to its end; aiohttp closes it otherwise
+            upstream.release()
+        return response

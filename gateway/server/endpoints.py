@@ -1,0 +1,65 @@
+"""The gateway's own endpoints: liveness, readiness, metrics and the configured model list."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.config.model import ApiKey
+from gateway.proxy.exchange import Exchange
+from gateway.proxy.guard import add_cors
+from gateway.server.state import GATEWAY, METRICS
+
+_CREATED = int(time.time())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 200 for as long as the process serves requests."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 when every credential can authenticate a request now; 503 otherwise."""
+    gw = request.app[GATEWAY]
+    if gw.proxy.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    problems = [p for c in gw.credentials.values() if (p := c.ready()) is not None]
+    if problems:
+        return web.json_response({"status": "not ready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text from the app's own registry."""
+    response = web.Response(body=generate_latest(request.app[METRICS].registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models`` in the OpenAI list format, from the routes' ``models``.
+
+    A client call like any other, through the proxy's guard, access log and metrics (route ``-``).
+    """
+    return await request.app[GATEWAY].proxy.serve(request, _model_list)
+
+
+async def _model_list(request: web.Request, ex: Exchange, key: ApiKey | None) -> web.Response:
+    names = request.app[GATEWAY].proxy.router.models()
+    if key is not None and key.models is not None:
+        names = [m for m in names if m in key.models]
+    body = {
+        "object": "list",
+        "data": [
+            {"id": m, "object": "model", "created": _CREATED, "owned_by": "modelarts"}
+            for m in names
+        ],
+    }
+    response = web.json_response(body, headers={"X-Request-Id": ex.rid})
+    if ex.cors_origin is not None:
+        add_cors(response, ex.cors_origin)
+    ex.status = response.status
+    ex.bytes = response.content_length or 0
+    return response
