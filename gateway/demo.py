@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway.config.load import parse_settings
 from gateway.config.model import Settings
-from gateway.server.app import serve
+from gateway.server.run import serve
 from gateway.testing import FakeCloud, start_fake_cloud
 
 DEMO_MODEL = "qwen2-7b"

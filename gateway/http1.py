@@ -18,9 +18,10 @@ from collections import deque
 from typing import Any, cast
 
 import aiohttp
-from aiohttp.http_parser import HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from gateway._aiohttp import finish, parse, response_parser
 
 READ_BUFSIZE = 2**16
 # An idle connection is not reused after this long: upstreams and the load balancers in front
@@ -111,7 +112,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
             return
         try:
-            messages, _, _ = parser.feed_data(data)
+            messages = parse(parser, data)
         except Exception:
             self._fail(BadResponse("the upstream's answer could not be parsed"))
             return
@@ -133,7 +134,7 @@ class _Connection(asyncio.Protocol):
         parser, payload = self._parser, self._payload
         if parser is not None and payload is not None and not payload.is_eof():
             with contextlib.suppress(Exception):  # an incomplete body is reported just below
-                parser.feed_eof()  # completes a body that runs until the connection closes
+                finish(parser)
             if not payload.is_eof():
                 payload.set_exception(aiohttp.ClientPayloadError("the upstream closed mid-body"))
         waiter = self._waiter
@@ -168,15 +169,7 @@ class _Connection(asyncio.Protocol):
     ) -> tuple[Any, aiohttp.StreamReader]:
         """Send one request; the response's message and body reader once its headers are in."""
         assert self.transport is not None
-        self._parser = HttpResponseParser(
-            self,  # type: ignore[arg-type]  # the flow-control part of BaseProtocol is all it uses
-            self._loop,
-            READ_BUFSIZE,
-            response_with_body=method != "HEAD",
-            read_until_eof=True,
-            auto_decompress=False,
-            payload_exception=aiohttp.ClientPayloadError,
-        )
+        self._parser = response_parser(self, method, READ_BUFSIZE)
         self._payload = None
         self._should_close = False
         waiter = self._waiter = self._loop.create_future()

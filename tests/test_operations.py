@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.load import parse_settings
 from gateway.metrics import STREAM_END_REASONS
-from gateway.server.app import drain
+from gateway.server.run import drain
 from gateway.server.state import GATEWAY
 from gateway.testing import FakeCloud, start_fake_cloud
 

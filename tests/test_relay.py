@@ -15,6 +15,7 @@ from typing import Any, cast
 import aiohttp
 import pytest
 
+from gateway._aiohttp import ReaderSource
 from gateway.metrics import ChunkStats
 from gateway.proxy.sse import HEARTBEAT, Relay, ends_event, error_event
 
@@ -85,7 +86,7 @@ class Harness:
         self.stats = ChunkStats()
         self.beats = 0
         self.relay = Relay(
-            self.source,
+            ReaderSource(self.source),
             self.sink,
             sse=sse,
             stats=self.stats,

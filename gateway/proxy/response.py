@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.streams import EMPTY_PAYLOAD
 
+from gateway._aiohttp import ClientSink, ReaderSource
 from gateway.config.model import Route
 from gateway.errors import (
     GatewayError,
@@ -22,7 +23,7 @@ from gateway.metrics import Metrics
 from gateway.proxy.exchange import CLIENT_GONE, Exchange
 from gateway.proxy.guard import add_cors
 from gateway.proxy.headers import client_response_headers
-from gateway.proxy.sse import ClientSink, Relay
+from gateway.proxy.sse import Relay
 
 log = logging.getLogger("gateway.upstream")
 
@@ -137,7 +138,7 @@ async def relay_body(
     await response.prepare(request)
 
     relay = Relay(
-        upstream.content,
+        ReaderSource(upstream.content),
         ClientSink(request, response),
         sse=sse,
         stats=metrics.chunk_stats(route.name),

@@ -24,16 +24,10 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Protocol
 
-import aiohttp
-from aiohttp import web
-
 from gateway.metrics import ChunkStats
 
 HEARTBEAT = b": keep-alive\n\n"
 _BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n")
-# Below this size a chunk and its chunked-encoding frame are joined into one buffer (one copy is
-# cheaper than a scatter write); above it they go out as a list (aiohttp draws the same line).
-_JOIN_BELOW = 2048
 
 # end reason -> (error type, error code, message) of the closing `event: error`
 _ERROR_EVENTS = {
@@ -62,7 +56,7 @@ class Sink(Protocol):
     """Where relayed bytes go: the client's connection."""
 
     def write(self, data: bytes) -> None:
-        """Send now, without waiting; raise OSError or aiohttp.ClientError if the client is gone."""
+        """Send now, without waiting; raise OSError if the client is gone."""
 
     def paused(self) -> bool:
         """True while the client's send buffer is full."""
@@ -72,45 +66,6 @@ class Sink(Protocol):
 
     def abort(self) -> None:
         """Close the connection at once: the client must not see a clean end."""
-
-
-class ClientSink:
-    """A prepared aiohttp response, written through its transport directly.
-
-    The response headers are already on the wire (``StreamResponse.prepare`` sends them), so
-    body bytes may bypass aiohttp's writer; chunked framing is added here when the response uses
-    it, and aiohttp's ``write_eof`` still writes the last chunk.
-    """
-
-    __slots__ = ("_chunked", "_protocol", "_request", "_transport")
-
-    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
-        self._request = request
-        self._transport = request.transport
-        self._protocol = request.protocol
-        # set by prepare(): HTTP/1.1 without a Content-Length is chunked
-        self._chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
-
-    def write(self, data: bytes) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client connection is closed")
-        if not self._chunked:
-            transport.write(data)
-        elif len(data) < _JOIN_BELOW:
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
-
-    def paused(self) -> bool:
-        return self._protocol.writing_paused
-
-    async def drain(self) -> None:
-        await self._request.writer.drain()
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
 
 
 class _Wake:
@@ -139,31 +94,20 @@ class _Wake:
         self._call_soon(self._failed)
 
 
-def take(source: aiohttp.StreamReader) -> bytes:
-    """Everything buffered in ``source`` (b"" when empty), like ``read_nowait(-1)``.
+class Source(Protocol):
+    """Where relayed bytes come from: the upstream response's body."""
 
-    The common case, one whole chunk while the upstream is flowing, is taken straight off the
-    reader's buffer: ``read_nowait`` would also call the protocol's ``resume_reading()`` on
-    every read, which re-runs the parser and the transport's resume, a few microseconds per
-    event for nothing. Any other case (partly read buffer, several chunks, a paused upstream,
-    an error) goes through ``read_nowait`` itself.
-    """
-    buffer = source._buffer
-    if (
-        len(buffer) != 1
-        or source._buffer_offset
-        or source._exception is not None
-        or source._protocol._reading_paused
-    ):
-        return source.read_nowait(-1) if buffer or source._exception is not None else b""
-    data = buffer.popleft()
-    size = len(data)
-    source._size -= size
-    source._cursor += size
-    splits = source._http_chunk_splits
-    while splits and splits[0] < source._cursor:
-        splits.popleft()
-    return data
+    def take(self) -> bytes:
+        """Everything buffered now (b"" when nothing is); raises if the upstream failed."""
+
+    def at_eof(self) -> bool:
+        """True once the whole body has been taken."""
+
+    def wake(self, waker: _Wake) -> None:
+        """Call ``waker.set_result`` (data) or ``waker.set_exception`` (failure) when it comes."""
+
+    def unhook(self, waker: _Wake) -> None:
+        """Stop calling ``waker``."""
 
 
 class Relay:
@@ -171,7 +115,7 @@ class Relay:
 
     def __init__(
         self,
-        source: aiohttp.StreamReader,
+        source: Source,
         sink: Sink,
         *,
         sse: bool,
@@ -231,7 +175,7 @@ class Relay:
         if self._sse and self.at_boundary:
             try:
                 self._sink.write(error_event(reason))
-            except (aiohttp.ClientError, OSError):
+            except OSError:
                 self._finish("client_gone")
                 return
         else:
@@ -251,7 +195,7 @@ class Relay:
         source, sink, stats = self._source, self._sink, self._stats
         while True:
             try:
-                chunk = take(source)
+                chunk = source.take()
             except Exception:  # whatever the upstream connection failed with
                 self._upstream_failed()
                 return
@@ -266,7 +210,7 @@ class Relay:
             self._prev, self._tail = self._tail, chunk
             try:
                 sink.write(chunk)
-            except (aiohttp.ClientError, OSError):
+            except OSError:
                 self._finish("client_gone")
                 return
             if sink.paused():
@@ -276,12 +220,12 @@ class Relay:
         if source.at_eof():
             self._finish("done")
         else:
-            source._waiter = self._wake  # type: ignore[assignment]
+            source.wake(self._wake)
 
     async def _wait_for_client(self) -> None:
         try:
             await self._sink.drain()
-        except (aiohttp.ClientError, OSError):
+        except OSError:
             self._finish("client_gone")
             return
         self._blocked = False
@@ -300,8 +244,7 @@ class Relay:
             self._done.set_result(reason)
 
     def _unhook(self) -> None:
-        if self._source._waiter is self._wake:  # type: ignore[comparison-overlap]
-            self._source._waiter = None
+        self._source.unhook(self._wake)
 
     def _close(self) -> None:
         if not self._reason:
@@ -343,7 +286,7 @@ class Relay:
             if not self._blocked and self.at_boundary:
                 try:
                     self._sink.write(HEARTBEAT)
-                except (aiohttp.ClientError, OSError):
+                except OSError:
                     self._finish("client_gone")
                     return
                 if self._on_heartbeat is not None:

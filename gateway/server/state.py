@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from gateway.config.model import Settings
@@ -20,7 +19,6 @@ from gateway.proxy.handler import Proxy
 class Gateway:
     settings: Settings
     metrics: Metrics
-    session: aiohttp.ClientSession
     credentials: dict[str, Credential]
     proxy: Proxy
 

@@ -1,0 +1,271 @@
+"""Every use of aiohttp's private internals, and nothing else: the debt, paid in one place.
+
+Tested on aiohttp 3.13.4 and 3.14.5, the two ends of the range ``pyproject.toml`` declares:
+``.ci/run`` runs the whole suite and ``mypy --strict`` on both. Older releases break here
+(3.10: no ``RequestHandler.writing_paused``; 3.11 to 3.13.2: ``_http_chunk_splits`` is a list;
+3.13.3: no limit on the number of request header lines). The private names used:
+
+- ``StreamReader``: ``_buffer``, ``_buffer_offset``, ``_size``, ``_cursor``, ``_http_chunk_splits``,
+  ``_exception``, ``_protocol``, ``_waiter`` (:class:`ReaderSource`, the relay's zero-copy take
+  and its wake-up hook);
+- ``web_protocol.RequestHandler``: subclassed for ``connection_made``, ``connection_lost`` and
+  ``handle_error`` (its signature), and its ``_request_count``; ``writing_paused`` of its base
+  ``BaseProtocol``, reached as ``request.protocol``; ``request.writer.drain()``;
+- ``web_server.Server``: ``_loop`` and ``_kwargs`` (to build our handler as aiohttp builds its);
+  ``web_runner.AppRunner._make_server``, extended, and the server's ``__class__``: aiohttp offers
+  no supported way to choose the protocol handler class (``Server`` builds ``RequestHandler``
+  by name), so the server aiohttp made is given our subclass, keeping all its state;
+- ``http_parser.HttpResponseParser``: its constructor, ``feed_data``'s ``(messages, upgraded,
+  tail)`` return and ``feed_eof`` (:func:`response_parser`, :func:`parse`).
+
+This module imports nothing of the gateway, so everything else may import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import http_parser, web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+TESTED_RANGE = "3.13.4 to 3.14.5"
+
+# Below this size a chunk and its chunked-encoding frame are joined into one buffer (one copy is
+# cheaper than a scatter write); above it they go out as a list (aiohttp draws the same line).
+_JOIN_BELOW = 2048
+
+
+def c_extensions_missing() -> str | None:
+    """Why aiohttp's C HTTP parser is not in use, or None when it is.
+
+    The pure-Python parser accepts what the C one refuses (``HTTP/9.9``, raw 0xFF bytes in the
+    query), so the gateway's promises about malformed requests hold only with the C parser.
+    """
+    if http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser":
+        return None
+    return (
+        "aiohttp's C extensions are not loaded (AIOHTTP_NO_EXTENSIONS is set, or aiohttp was "
+        "installed without its compiled parser): the gateway refuses to start without them, "
+        "since the pure-Python parser accepts malformed requests; unset AIOHTTP_NO_EXTENSIONS "
+        "or install aiohttp from a binary wheel"
+    )
+
+
+# --- the server side: our protocol handler ------------------------------------------------------
+
+
+class _GatewayRequestHandler(RequestHandler):
+    """aiohttp's protocol handler with two changes.
+
+    Unparsable requests are answered by ``error_response`` (the gateway's JSON error shape):
+    aiohttp's own 400 is text/plain and quotes the offending bytes back, which may be a header
+    line holding a credential.
+
+    A connection whose first request's headers are not complete within ``header_timeout`` is
+    closed (aiohttp has no such limit): a client trickling headers a byte at a time would
+    otherwise hold its socket for ever, and enough of them would exhaust file descriptors.
+    """
+
+    header_timeout = 0.0
+    error_response: Callable[[int], web.Response]
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.header_timeout:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self.header_timeout, self._headers_too_slow
+            )
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self._request_count == 0 and self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, None)  # logs (redacted) and may raise
+        response = self.error_response(status)
+        response.force_close()
+        return response
+
+
+class _GatewayServer(Server):
+    header_timeout = 0.0
+    error_response: Callable[[int], web.Response]
+
+    def __call__(self) -> RequestHandler:
+        handler = _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.header_timeout = self.header_timeout
+        handler.error_response = self.error_response
+        return handler
+
+
+class GatewayRunner(web.AppRunner):
+    """An ``AppRunner`` whose connections use the gateway's protocol handler."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        header_timeout: float,
+        error_response: Callable[[int], web.Response],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+        self._error_response = error_response
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = _GatewayServer  # same state, our protocol handler factory
+        assert isinstance(server, _GatewayServer)
+        server.header_timeout = self._header_timeout
+        server.error_response = self._error_response
+        return server
+
+
+class ClientSink:
+    """A prepared aiohttp response, written through its transport directly.
+
+    The response headers are already on the wire (``StreamResponse.prepare`` sends them), so
+    body bytes may bypass aiohttp's writer; chunked framing is added here when the response uses
+    it, and aiohttp's ``write_eof`` still writes the last chunk. Failures are ``OSError``s.
+    """
+
+    __slots__ = ("_chunked", "_protocol", "_request", "_transport")
+
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        self._request = request
+        self._transport = request.transport
+        self._protocol = request.protocol
+        # set by prepare(): HTTP/1.1 without a Content-Length is chunked
+        self._chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+    def write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client connection is closed")
+        if not self._chunked:
+            transport.write(data)
+        elif len(data) < _JOIN_BELOW:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+
+    def paused(self) -> bool:
+        return self._protocol.writing_paused
+
+    async def drain(self) -> None:
+        try:
+            await self._request.writer.drain()
+        except aiohttp.ClientError as exc:
+            raise ConnectionResetError(str(exc)) from None
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+# --- the body of an upstream response --------------------------------------------------------
+
+
+class Waker(Protocol):
+    """What a StreamReader calls on its waiter (aiohttp.helpers.set_result / set_exception)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: object) -> None: ...
+
+    def set_exception(self, exc: BaseException) -> None: ...
+
+
+class ReaderSource:
+    """An upstream body (aiohttp's ``StreamReader``) as the relay reads it."""
+
+    __slots__ = ("reader",)
+
+    def __init__(self, reader: aiohttp.StreamReader) -> None:
+        self.reader = reader
+
+    def take(self) -> bytes:
+        """Everything buffered (b"" when empty), like ``read_nowait(-1)``; raises on failure.
+
+        The common case, one whole chunk while the upstream is flowing, is taken straight off
+        the reader's buffer: ``read_nowait`` would also call the protocol's ``resume_reading()``
+        on every read, which re-runs the parser and the transport's resume, a few microseconds
+        per event for nothing. Any other case (partly read buffer, several chunks, a paused
+        upstream, an error) goes through ``read_nowait`` itself.
+        """
+        source = self.reader
+        buffer = source._buffer
+        if (
+            len(buffer) != 1
+            or source._buffer_offset
+            or source._exception is not None
+            or source._protocol._reading_paused
+        ):
+            return source.read_nowait(-1) if buffer or source._exception is not None else b""
+        data = buffer.popleft()
+        size = len(data)
+        source._size -= size
+        source._cursor += size
+        splits = source._http_chunk_splits
+        while splits and splits[0] < source._cursor:
+            splits.popleft()
+        return data
+
+    def at_eof(self) -> bool:
+        return self.reader.at_eof()
+
+    def wake(self, waker: Waker) -> None:
+        """Have ``waker`` called, instead of a future, when data or an error arrives."""
+        self.reader._waiter = waker  # type: ignore[assignment]
+
+    def unhook(self, waker: Waker) -> None:
+        if self.reader._waiter is waker:  # type: ignore[comparison-overlap]
+            self.reader._waiter = None
+
+
+def response_parser(protocol: Any, method: str, read_bufsize: int) -> Any:
+    """aiohttp's (C) response parser, feeding bodies into StreamReaders on ``protocol``.
+
+    ``protocol`` needs only the flow-control part of ``BaseProtocol``: ``pause_reading``,
+    ``resume_reading``, ``_reading_paused`` and ``connected``.
+    """
+    return http_parser.HttpResponseParser(
+        protocol,
+        asyncio.get_running_loop(),
+        read_bufsize,
+        response_with_body=method != "HEAD",
+        read_until_eof=True,
+        auto_decompress=False,
+        payload_exception=aiohttp.ClientPayloadError,
+    )
+
+
+def parse(parser: Any, data: bytes) -> list[tuple[Any, aiohttp.StreamReader]]:
+    """The (message, body reader) pairs whose headers ``data`` completes."""
+    messages, _, _ = parser.feed_data(data)
+    return messages  # type: ignore[no-any-return]
+
+
+def finish(parser: Any) -> None:
+    """The connection closed: completes a body that runs until then (raises if it cannot)."""
+    parser.feed_eof()

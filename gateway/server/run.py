@@ -1,0 +1,93 @@
+"""Serving: start, tell systemd, wait for a signal, then drain like a good citizen."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from gateway.config.model import Settings
+from gateway.server.app import FINAL_WRITE_GRACE, build_app, make_runner
+from gateway.server.state import GATEWAY
+from gateway.server.systemd import notify
+
+log = logging.getLogger("gateway")
+
+
+async def drain(runner: web.AppRunner, grace: float, hurry: asyncio.Event) -> None:
+    """Stop like a good citizen: not ready, no new connections, let streams finish, then stop.
+
+    Streams still open after ``grace`` (or at a second signal) end with an ``event: error``
+    whose code is ``shutdown``, so a client can tell the cut from a clean end.
+    """
+    proxy = runner.app[GATEWAY].proxy
+    proxy.draining = True
+    for site in list(runner.sites):
+        await site.stop()
+    if proxy.in_flight:
+        log.info("draining %d request(s), for up to %g s", proxy.in_flight, grace)
+        waiters = [asyncio.ensure_future(proxy.idle.wait()), asyncio.ensure_future(hurry.wait())]
+        await asyncio.wait(waiters, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+    if proxy.relays:
+        log.info("ending %d stream(s) still open", len(proxy.relays))
+        for relay in list(proxy.relays):
+            relay.stop("shutdown")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FINAL_WRITE_GRACE):
+                await proxy.idle.wait()
+    await runner.cleanup()
+
+
+async def serve(
+    settings: Settings,
+    *,
+    notify_socket: str | None = None,
+    started: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, drain, and return (the CLI then exits 0)."""
+    app = build_app(settings)
+    runner = make_runner(app)
+    await runner.setup()
+    signals = 0
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        (stop if signals == 1 else hurry).set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        try:
+            site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        addresses = [_address(s) for s in runner.addresses]
+        log.info("serving on %s", ", ".join(addresses))
+        notify(notify_socket, "READY=1")
+        if started is not None:
+            started(addresses)
+        await stop.wait()
+        log.info("stopping")
+        notify(notify_socket, "STOPPING=1")
+        await drain(runner, settings.listen.shutdown_grace, hurry)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _address(sockname: object) -> str:
+    if isinstance(sockname, tuple):
+        host, port = sockname[0], sockname[1]
+        return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+    return str(sockname)
