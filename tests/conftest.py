@@ -1,16 +1,23 @@
-"""Shared fixtures: the fake cloud and the real gateway, both on loopback sockets."""
+"""Shared fixtures and helpers: the fake cloud, the real gateway (in process or as a process),
+raw sockets; all on loopback. Tests import the plain helpers with ``from conftest import X``."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from gateway.config.load import parse_settings
 from gateway.config.model import Settings
@@ -20,6 +27,8 @@ from gateway.server.state import METRICS
 from gateway.testing import FakeCloud, start_fake_cloud
 
 MODEL = "qwen2-7b"
+ROOT = Path(__file__).resolve().parents[1]  # the repository: cwd of every gateway process
+RAW_WAIT = 3.0  # bound on each read of a raw-socket answer
 
 
 def base_config(cloud: FakeCloud) -> dict[str, Any]:
@@ -126,3 +135,161 @@ def chat_body(stream: bool = True, model: str = MODEL, **extra: Any) -> dict[str
         "messages": [{"role": "user", "content": "Hi"}],
         **extra,
     }
+
+
+def agency(cloud: FakeCloud, via: str = "main", **extra: Any) -> dict[str, Any]:
+    """An agency credential (as parsed YAML) the fake IAM accepts, through credential ``via``."""
+    return {
+        "type": "agency",
+        "via": via,
+        "iam_url": cloud.iam_url,
+        "domain_name": "other-account",
+        "agency_name": "modelarts-agency",
+        "project": "cn-southwest-2",
+        **extra,
+    }
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed: connecting is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# --- the gateway as a process -------------------------------------------------------------------
+
+Output = int | IO[Any] | None  # what asyncio.create_subprocess_exec takes for stdout/stderr
+
+
+async def start_gateway_process(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    stdout: Output = asyncio.subprocess.DEVNULL,
+    stderr: Output = asyncio.subprocess.DEVNULL,
+) -> asyncio.subprocess.Process:
+    """``python -m gateway ARGS`` from the repository root, stdin closed; the caller stops it."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        *args,
+        env=env,
+        cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+async def wait_healthy(
+    url: str,
+    proc: asyncio.subprocess.Process,
+    within: float = 10.0,
+    log: Callable[[], str] = lambda: "",
+) -> None:
+    """Poll ``url``/healthz until 200; fail at once (with ``log()``) if ``proc`` exits.
+
+    Polling, because another process gives no event to await; bounded by ``within``.
+    """
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    assert proc.returncode is None, f"the gateway exited:\n{log()}"
+                    try:
+                        async with session.get(url + "/healthz") as resp:
+                            if resp.status == 200:
+                                return
+                    except aiohttp.ClientConnectionError:
+                        pass
+                    await asyncio.sleep(0.025)
+        except TimeoutError:
+            raise AssertionError(f"the gateway did not start within {within} s:\n{log()}") from None
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    """Kill ``proc`` if it still runs, and reap it: the ``finally`` of every process test."""
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+def run_gateway_cli(
+    *args: str, env: Mapping[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway ARGS`` to completion (bounded), output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=20,
+    )
+
+
+# --- raw sockets: what a polite client never sends ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    status: int
+    headers: dict[str, str]  # names title-cased; a repeated header keeps its last value
+    body: bytes
+
+
+async def open_raw(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain TCP connection to the host and port of ``url``."""
+    parsed = URL(url)
+    return await asyncio.open_connection(parsed.host, parsed.port)
+
+
+async def read_answer(reader: asyncio.StreamReader) -> RawAnswer | None:
+    """One response, its body read by Content-Length; None if closed before a whole head.
+
+    Not read to EOF: a server may keep the connection open waiting for a body it was promised.
+    """
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_WAIT)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().title()] = value.strip()
+    length = int(headers.get("Content-Length", "0"))
+    body = await asyncio.wait_for(reader.readexactly(length), RAW_WAIT)
+    return RawAnswer(int(lines[0].split()[1]), headers, body)
+
+
+async def write_raw(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Send ``data`` as is; the server may close before it has read all of it (allowed)."""
+    try:
+        writer.write(data)
+        await writer.drain()
+    except ConnectionError:
+        pass
+
+
+async def raw_exchange(url: str, data: bytes) -> RawAnswer | None:
+    """Send ``data`` on a new connection and read one answer (None: closed without one)."""
+    reader, writer = await open_raw(url)
+    try:
+        await write_raw(writer, data)
+        return await read_answer(reader)
+    finally:
+        writer.close()
+
+
+async def raw_until_closed(url: str, data: bytes) -> bytes:
+    """Send ``data`` on a new connection and return all the server sent until it closed."""
+    reader, writer = await open_raw(url)
+    try:
+        await write_raw(writer, data)
+        return await asyncio.wait_for(reader.read(), RAW_WAIT)
+    finally:
+        writer.close()

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import GatewayFactory, chat_body
+from conftest import GatewayFactory, agency, chat_body
 
 from gateway.config.load import ConfigError, parse_settings
 from gateway.testing import FakeCloud, FakeModelArts, serve_on_loopback
@@ -245,18 +245,6 @@ async def test_app_aksk_signs_with_the_app_secret(
 
 
 # --- agency -------------------------------------------------------------------------------------
-
-
-def agency(cloud: FakeCloud, via: str = "main", **extra: Any) -> dict[str, Any]:
-    return {
-        "type": "agency",
-        "via": via,
-        "iam_url": cloud.iam_url,
-        "domain_name": "other-account",
-        "agency_name": "modelarts-agency",
-        "project": "cn-southwest-2",
-        **extra,
-    }
 
 
 def route_to(credential: str) -> Any:

@@ -6,45 +6,19 @@ import asyncio
 
 import aiohttp
 import pytest
-from conftest import GatewayFactory, RunningGateway, chat_body
+from conftest import (
+    GatewayFactory,
+    RawAnswer,
+    RunningGateway,
+    chat_body,
+    open_raw,
+    raw_exchange,
+    raw_until_closed,
+    read_answer,
+)
 from yarl import URL
 
 from gateway.testing import FakeCloud
-
-
-async def connect(gw: RunningGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    url = URL(gw.url)
-    return await asyncio.open_connection(url.host, url.port)
-
-
-async def read_response(reader: asyncio.StreamReader) -> int | None:
-    """The status of the one response on the connection, or None if it was closed without one."""
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    lines = head.decode("latin-1").split("\r\n")
-    length = 0
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
-            length = int(value)
-    await asyncio.wait_for(reader.readexactly(length), 3)
-    return int(lines[0].split()[1])
-
-
-async def send_raw(gw: RunningGateway, data: bytes) -> int | None:
-    """Send ``data`` as is and return the answer's status (None: connection closed)."""
-    reader, writer = await connect(gw)
-    try:
-        try:
-            writer.write(data)
-            await writer.drain()
-        except ConnectionError:
-            pass  # the server may close before it has read everything: that is allowed
-        return await read_response(reader)
-    finally:
-        writer.close()
 
 
 def host(gw: RunningGateway) -> bytes:
@@ -59,15 +33,15 @@ async def still_serving(gw: RunningGateway, http: aiohttp.ClientSession) -> None
         assert (await resp.read()).endswith(b"data: [DONE]\n\n")
 
 
-def is_4xx_or_closed(status: int | None) -> bool:
-    return status is None or 400 <= status < 500
+def is_4xx_or_closed(answer: RawAnswer | None) -> bool:
+    return answer is None or 400 <= answer.status < 500
 
 
 async def test_headers_trickling_in_do_not_block_other_clients(
     gateway: RunningGateway, http: aiohttp.ClientSession
 ) -> None:
     request = b"GET /healthz HTTP/1.1\r\nHost: " + host(gateway) + b"\r\nConnection: close\r\n\r\n"
-    reader, writer = await connect(gateway)
+    reader, writer = await open_raw(gateway.url)
     started = asyncio.Event()
 
     async def trickle() -> None:
@@ -89,8 +63,8 @@ async def test_headers_trickling_in_do_not_block_other_clients(
         assert loop.time() - begin < 0.5
         assert not slow.done()  # the other client was served while this one was still typing
         await slow
-        status = await read_response(reader)
-        assert status == 200 or is_4xx_or_closed(status)
+        answer = await read_answer(reader)
+        assert is_4xx_or_closed(answer) or answer.status == 200
     finally:
         slow.cancel()
         writer.close()
@@ -113,7 +87,7 @@ async def test_headers_trickling_in_do_not_block_other_clients(
 async def test_invalid_http_gets_4xx_or_closed(
     gateway: RunningGateway, http: aiohttp.ClientSession, data: bytes
 ) -> None:
-    assert is_4xx_or_closed(await send_raw(gateway, data))
+    assert is_4xx_or_closed(await raw_exchange(gateway.url, data))
     await still_serving(gateway, http)
 
 
@@ -127,10 +101,10 @@ async def test_huge_header_gets_4xx_or_closed(
         + b"a" * 100_000
         + b"\r\nConnection: close\r\n\r\n"
     )
-    assert is_4xx_or_closed(await send_raw(gateway, data))
+    assert is_4xx_or_closed(await raw_exchange(gateway.url, data))
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
     data = b"GET /healthz HTTP/1.1\r\nHost: " + host(gateway) + b"\r\n" + many + b"\r\n"
-    assert is_4xx_or_closed(await send_raw(gateway, data))
+    assert is_4xx_or_closed(await raw_exchange(gateway.url, data))
     await still_serving(gateway, http)
 
 
@@ -149,8 +123,8 @@ async def test_invalid_utf8_in_the_path_gets_4xx_and_the_gateway_keeps_serving(
         + host(gateway)
         + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
     )
-    status = await send_raw(gateway, data)
-    assert is_4xx_or_closed(status), status
+    answer = await raw_exchange(gateway.url, data)
+    assert is_4xx_or_closed(answer), answer
     await still_serving(gateway, http)
 
 
@@ -166,13 +140,8 @@ async def test_parse_error_answer_does_not_echo_the_raw_request(
     gateway: RunningGateway, bad_line: bytes
 ) -> None:
     """aiohttp's own 400 quotes the offending request line: with it, a client's key."""
-    reader, writer = await connect(gateway)
-    try:
-        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + bad_line + b"\r\n\r\n")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), 3)
-    finally:
-        writer.close()
+    request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + bad_line + b"\r\n\r\n"
+    answer = await raw_until_closed(gateway.url, request)
     assert answer.startswith((b"HTTP/1.0 4", b"HTTP/1.1 4")) or answer == b""
     assert b"sk-client-secret-XYZ" not in answer
 
@@ -181,7 +150,7 @@ async def test_headers_not_complete_within_header_timeout_close_the_connection(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
     gw = await make_gateway(lambda c: c["listen"].update(header_timeout="300ms"))
-    reader, writer = await connect(gw)
+    reader, writer = await open_raw(gw.url)
     try:
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: " + host(gw) + b"\r\nX-Slow: ")
         await writer.drain()

@@ -6,21 +6,24 @@ import asyncio
 import importlib.metadata
 import os
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
+from conftest import (
+    ROOT,
+    free_port,
+    run_gateway_cli,
+    start_gateway_process,
+    stop_process,
+    wait_healthy,
+)
 
 from gateway.config.load import ConfigError, load_config, parse_settings
 from gateway.config.model import IamPasswordCredential, StaticTokenCredential
 from gateway.config.units import parse_duration
 
-ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.yaml"
 EXAMPLE_ENV = {"HWC_PASSWORD": "example-password", "MODELARTS_TOKEN": "example-token"}
 # Variables the example reads with a default: unset them so the test sees the defaults.
@@ -55,17 +58,6 @@ def cli_env(**extra: str) -> dict[str, str]:
         env.pop(name, None)
     env.update(extra)
     return env
-
-
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
 
 
 # --- units --------------------------------------------------------------------------------------
@@ -318,14 +310,14 @@ def test_example_config_mentions_every_documented_key() -> None:
 
 
 def test_check_passes_on_the_example_config_with_its_variables_set() -> None:
-    result = run_cli("check", "--config", str(EXAMPLE), env=cli_env(**EXAMPLE_ENV))
+    result = run_gateway_cli("check", "--config", str(EXAMPLE), env=cli_env(**EXAMPLE_ENV))
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
 
 
 def test_check_fails_with_exit_2_naming_a_missing_variable() -> None:
     env = cli_env(MODELARTS_TOKEN="example-token")  # HWC_PASSWORD left unset
-    result = run_cli("check", "--config", str(EXAMPLE), env=env)
+    result = run_gateway_cli("check", "--config", str(EXAMPLE), env=env)
     assert result.returncode == 2
     assert "HWC_PASSWORD" in result.stderr
     assert "credentials.main.password" in result.stderr
@@ -338,7 +330,7 @@ def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     for args in (("--config", str(path)), ("serve", "--config", str(path))):
-        result = run_cli(*args, env=cli_env())
+        result = run_gateway_cli(*args, env=cli_env())
         assert result.returncode == 2, result.stderr
         assert "routes[0].upstream:" in result.stderr
         assert "routes[1].timeouts.idle:" in result.stderr
@@ -351,28 +343,6 @@ def test_console_script_entry_point_is_declared() -> None:
     assert callable(next(iter(scripts)).load())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def wait_healthy(url: str, proc: asyncio.subprocess.Process) -> None:
-    """Poll /healthz until it answers 200 (bounded: the process should start in ~1 s)."""
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            assert proc.returncode is None, "the gateway exited during start-up"
-            try:
-                async with session.get(url + "/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.025)
-    raise AssertionError("the gateway did not start within 5 s")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_python_m_gateway_serves_and_exits_0_on_signal(
     tmp_path: Path, sig: signal.Signals
@@ -382,16 +352,12 @@ async def test_python_m_gateway_serves_and_exits_0_on_signal(
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
+    proc = await start_gateway_process(
         "--config",
         str(path),
         "--port",
         str(port),
         env=cli_env(),
-        cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -400,8 +366,6 @@ async def test_python_m_gateway_serves_and_exits_0_on_signal(
         proc.send_signal(sig)
         _, stderr = await asyncio.wait_for(proc.communicate(), 10)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await stop_process(proc)
     assert proc.returncode == 0, stderr.decode()
     assert b"Traceback" not in stderr

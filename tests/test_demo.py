@@ -5,19 +5,12 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 
 import pytest
+from conftest import free_port, start_gateway_process, stop_process
 
 START_WAIT = 20.0  # bound on the demo coming up (imports on a loaded 2-core machine)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def read_until(stream: asyncio.StreamReader, marker: bytes) -> bytes:
@@ -42,16 +35,7 @@ def printed_commands(text: str) -> tuple[str, str]:
 @pytest.mark.timeout(90)
 async def test_demo_prints_commands_that_stream_tokens_as_printed_and_stops_on_sigint() -> None:
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "demo",
-        "--port",
-        str(port),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await start_gateway_process("demo", "--port", str(port), stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
         text = (await read_until(proc.stdout, b"\nPY\n")).decode()
@@ -76,6 +60,4 @@ async def test_demo_prints_commands_that_stream_tokens_as_printed_and_stops_on_s
         async with asyncio.timeout(15):
             assert await proc.wait() == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await stop_process(proc)

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.config.units import parse_duration
+
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "modelarts-gateway.json"
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
@@ -83,16 +85,6 @@ def dashboard_metric_names() -> set[str]:
     for var in dashboard()["templating"]["list"]:
         texts += [v for k, v in walk(var) if k in ("query", "definition") and isinstance(v, str)]
     return {HISTOGRAM_SUFFIX.sub("", name) for text in texts for name in METRIC_NAME.findall(text)}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a config duration: a number, or a string like ``30s``, ``2m``, ``1m30s``."""
-    if isinstance(value, int | float):
-        return float(value)
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", str(value))
-    assert parts and "".join(n + u for n, u in parts) == str(value), f"bad duration {value!r}"
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    return sum(float(n) * scale[u] for n, u in parts)
 
 
 def deployment_params() -> list[Any]:

@@ -39,12 +39,6 @@ async def serve() -> AsyncIterator[Callable[[FakeModelArts], Any]]:
         await runner.cleanup()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def sdk_date(t: float) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t))
 

@@ -6,12 +6,12 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
 import aiohttp
 import pytest
+from conftest import chat_body
 
 from gateway.testing import (
     SSE_CONTENT_TYPE,
@@ -19,7 +19,6 @@ from gateway.testing import (
     FakeIAM,
     FakeModelArts,
     serve_on_loopback,
-    start_fake_cloud,
 )
 from gateway.testing.iam import IAM_WRONG_PASSWORD
 
@@ -44,26 +43,9 @@ def password_body(
     }
 
 
-def chat_body(**extra: Any) -> dict[str, Any]:
-    return {"model": "qwen2-7b", "messages": [{"role": "user", "content": "hello there"}], **extra}
-
-
 def sse_payloads(raw: bytes) -> list[str]:
     """The data of each event, from a complete SSE body."""
     return [e.removeprefix("data: ") for e in raw.decode().split("\n\n") if e]
-
-
-@pytest.fixture
-async def cloud() -> AsyncIterator[FakeCloud]:
-    fake = await start_fake_cloud()
-    yield fake
-    await fake.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def get_token(cloud: FakeCloud, http: aiohttp.ClientSession) -> str:
@@ -218,7 +200,7 @@ async def test_missing_token_is_rejected_by_apig(
     cloud: FakeCloud, http: aiohttp.ClientSession
 ) -> None:
     url = f"{cloud.service_url}/v1/chat/completions"
-    async with http.post(url, json=chat_body()) as resp:
+    async with http.post(url, json=chat_body(stream=False)) as resp:
         assert resp.status == 401
         body = await resp.json()
     assert body["error_code"] == "APIG.0301"
@@ -232,7 +214,9 @@ async def test_invalid_token_is_rejected_with_apig_0307(
     cloud: FakeCloud, http: aiohttp.ClientSession
 ) -> None:
     url = f"{cloud.service_url}/v1/chat/completions"
-    async with http.post(url, json=chat_body(), headers={"X-Auth-Token": "MIIbogus"}) as resp:
+    async with http.post(
+        url, json=chat_body(stream=False), headers={"X-Auth-Token": "MIIbogus"}
+    ) as resp:
         assert resp.status == 401
         body = await resp.json()
         assert resp.headers["X-Request-Id"] == body["request_id"]
@@ -241,7 +225,7 @@ async def test_invalid_token_is_rejected_with_apig_0307(
     assert cloud.modelarts.unauthorized == 1
     recorded = cloud.modelarts.requests[0]
     assert recorded.headers["X-Auth-Token"] == "MIIbogus"
-    assert json.loads(recorded.body) == chat_body()
+    assert json.loads(recorded.body) == chat_body(stream=False)
 
 
 async def test_revoke_all_makes_later_calls_401(
@@ -300,7 +284,8 @@ async def test_non_stream_returns_chat_completion(
     cloud.modelarts.script.events = 2
     headers = {"X-Auth-Token": await get_token(cloud, http)}
     url = f"{cloud.service_url}/v1/chat/completions"
-    async with http.post(url, json=chat_body(), headers=headers) as resp:
+    two_words = [{"role": "user", "content": "hello there"}]  # prompt_tokens counts words
+    async with http.post(url, json=chat_body(False, messages=two_words), headers=headers) as resp:
         assert resp.status == 200
         body = await resp.json()
     assert body["object"] == "chat.completion"
@@ -332,7 +317,7 @@ async def test_scripted_status_returns_apig_body(
     cloud.modelarts.script.status = 429
     headers = {"X-Auth-Token": await get_token(cloud, http)}
     url = f"{cloud.service_url}/v1/chat/completions"
-    async with http.post(url, json=chat_body(), headers=headers) as resp:
+    async with http.post(url, json=chat_body(stream=False), headers=headers) as resp:
         assert resp.status == 429
         assert (await resp.json())["error_code"] == "APIG.0308"
 

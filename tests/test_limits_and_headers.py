@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import MODEL, GatewayFactory, RunningGateway, chat_body
+from conftest import MODEL, GatewayFactory, RawAnswer, RunningGateway, chat_body, raw_exchange
 from yarl import URL
 
 from gateway.testing import FakeCloud, FakeModelArts, serve_on_loopback
@@ -39,28 +39,11 @@ async def expect_error(
     return error
 
 
-async def raw_request(gw: RunningGateway, head: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send ``head`` (request line and headers, no body) and read one response.
-
-    The response is read by its Content-Length, not to EOF: a server may keep the connection
-    open waiting for a body it was promised.
-    """
-    url = URL(gw.url)
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    try:
-        writer.write(head)
-        await writer.drain()
-        head_part = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-        lines = head_part.decode("latin-1").rstrip("\r\n").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().title()] = value.strip()
-        length = int(headers.get("Content-Length", "0"))
-        body = await asyncio.wait_for(reader.readexactly(length), 3)
-    finally:
-        writer.close()
-    return int(lines[0].split()[1]), headers, body
+async def raw_request(gw: RunningGateway, head: bytes) -> RawAnswer:
+    """Send ``head`` (request line and headers, no body) and read the one answer."""
+    answer = await raw_exchange(gw.url, head)
+    assert answer is not None, "the gateway closed the connection without an answer"
+    return answer
 
 
 def request_head(gw: RunningGateway, method: str, target: str, *extra: str) -> bytes:
@@ -87,8 +70,8 @@ async def test_content_length_over_max_body_returns_413_before_reading(
     head = request_head(
         gw, "POST", CHAT, "Content-Type: application/json", "Content-Length: 1000000000"
     )
-    status, headers, body = await raw_request(gw, head)
-    check_error(status, headers, body, 413, "request_too_large")
+    answer = await raw_request(gw, head)
+    check_error(answer.status, answer.headers, answer.body, 413, "request_too_large")
     assert cloud.modelarts.requests == []
 
 
@@ -295,8 +278,8 @@ async def test_dot_segments_in_the_path_return_400(
     cloud: FakeCloud, gateway: RunningGateway, target: str
 ) -> None:
     head = request_head(gateway, "GET", target)
-    status, headers, body = await raw_request(gateway, head)
-    check_error(status, headers, body, 400, "invalid_path")
+    answer = await raw_request(gateway, head)
+    check_error(answer.status, answer.headers, answer.body, 400, "invalid_path")
     assert cloud.modelarts.requests == []
 
 

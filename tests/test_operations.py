@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,7 +28,11 @@ from conftest import (
     RunningGateway,
     base_config,
     chat_body,
+    free_port,
     start_gateway,
+    start_gateway_process,
+    stop_process,
+    wait_healthy,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -39,7 +42,6 @@ from gateway.server.run import drain
 from gateway.server.state import GATEWAY
 from gateway.testing import FakeCloud, start_fake_cloud
 
-ROOT = Path(__file__).resolve().parent.parent
 WAIT = 5.0  # bound on awaiting something that must happen (shared, slow CI machines)
 EXIT_WAIT = 10.0  # bound on a subprocess exiting after a signal
 POLL = 0.01  # polling interval where no event can be awaited (another process, a fake's list)
@@ -343,13 +345,6 @@ async def test_drain_readyz_503_refuses_new_connections_and_lets_the_stream_fini
 # --- the real process: signals, drain, systemd, access log ---------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class GatewayProcess:
     proc: asyncio.subprocess.Process
@@ -364,20 +359,6 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8")
-
-    async def wait_healthy(self) -> None:
-        """Poll /healthz until 200 (bounded: the process starts in about a second)."""
-        async with aiohttp.ClientSession() as session:
-            for _ in range(400):
-                assert self.proc.returncode is None, f"the gateway exited:\n{self.log()}"
-                try:
-                    async with session.get(self.url + "/healthz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.025)
-        raise AssertionError("the gateway did not start within 10 s")
 
 
 Spawn = Callable[..., Awaitable[GatewayProcess]]
@@ -403,32 +384,20 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
         environ = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         environ.update(env or {})
         with log_path.open("wb") as log_file:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway",
-                "--config",
-                str(path),
-                *args,
-                env=environ,
-                cwd=ROOT,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=log_file,
+            proc = await start_gateway_process(
+                "--config", str(path), *args, env=environ, stderr=log_file
             )
         started.append(proc)
         running = GatewayProcess(proc, f"http://127.0.0.1:{port}", log_path)
         if wait:
-            await running.wait_healthy()
+            await wait_healthy(running.url, proc, log=running.log)
         return running
 
     try:
         yield factory
     finally:
         for proc in started:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            await stop_process(proc)
 
 
 async def wait_ready(http: aiohttp.ClientSession, url: str) -> None:

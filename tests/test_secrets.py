@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import GatewayFactory, RunningGateway, chat_body
+from conftest import GatewayFactory, RunningGateway, chat_body, raw_until_closed
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -245,15 +244,9 @@ async def test_malformed_request_is_not_quoted_in_gateway_logs(
 ) -> None:
     """aiohttp's parse errors quote the raw request; the gateway's handlers must drop that."""
     caplog.set_level(logging.DEBUG)
-    url = URL(gateway.url)
+    request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + bad_line + b"\r\n\r\n"
     with gateway_logging():
-        reader, writer = await asyncio.open_connection(url.host, url.port)
-        try:
-            writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + bad_line + b"\r\n\r\n")
-            await writer.drain()
-            answer = await asyncio.wait_for(reader.read(), 3)
-        finally:
-            writer.close()
+        answer = await raw_until_closed(gateway.url, request)
     assert answer.startswith((b"HTTP/1.0 4", b"HTTP/1.1 4")) or answer == b""
     stderr = capsys.readouterr().err
     assert any(r.name.startswith("aiohttp") for r in caplog.records), "nothing was logged"

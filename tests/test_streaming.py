@@ -14,9 +14,7 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -26,13 +24,21 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from conftest import GatewayFactory, RunningGateway, base_config, chat_body
+from conftest import (
+    GatewayFactory,
+    RunningGateway,
+    base_config,
+    chat_body,
+    free_port,
+    start_gateway_process,
+    stop_process,
+    wait_healthy,
+)
 from multidict import CIMultiDict
 
 from gateway.testing import SSE_CONTENT_TYPE, FakeCloud, serve_on_loopback
 
 CHAT = "/v1/chat/completions"
-ROOT = Path(__file__).resolve().parents[1]
 WAIT = 3.0  # bound on awaiting something that must happen soon
 
 
@@ -132,14 +138,6 @@ def sent_upstream(cloud: FakeCloud) -> CIMultiDict[str]:
 def token_of(cloud: FakeCloud) -> str:
     """The IAM token the gateway sent on its last request, to talk to the fake directly."""
     return sent_upstream(cloud)["X-Auth-Token"]
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then closed: connecting is refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def assert_openai_error(body: dict[str, Any], code: str) -> None:
@@ -551,7 +549,7 @@ async def test_no_headers_within_first_byte_is_a_504_and_closes_the_upstream_req
 async def test_unreachable_upstream_is_a_502(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    port = closed_port()
+    port = free_port()
 
     def edit(config: dict[str, Any]) -> None:
         config["routes"][0]["upstream"] = f"http://127.0.0.1:{port}/v1/infers/gone"
@@ -785,7 +783,7 @@ async def _first_byte(cloud: FakeCloud, make: GatewayFactory) -> tuple[RunningGa
 
 
 async def _unreachable(cloud: FakeCloud, make: GatewayFactory) -> tuple[RunningGateway, str, Any]:
-    port = closed_port()
+    port = free_port()
 
     def edit(config: dict[str, Any]) -> None:
         config["routes"][0]["upstream"] = f"http://127.0.0.1:{port}/v1/infers/gone"
@@ -906,35 +904,24 @@ async def test_a_100mb_stream_keeps_the_gateway_process_rss_flat(
 ) -> None:
     # with client_pause, the client stops reading after the first chunk while the upstream
     # writes as fast as it can: flow control must hold the upstream back, not the gateway's memory
-    port = closed_port()
+    port = free_port()
     config = base_config(cloud)
     config["listen"]["port"] = port
     config["routes"][0]["timeouts"] = {"connect": 2, "first_byte": 5, "idle": 5, "total": 60}
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = (tmp_path / "gateway.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
+    log_path = tmp_path / "gateway.log"
+    log = log_path.open("wb")
+    proc = await start_gateway_process(
         "--config",
         str(path),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=log,
         stderr=log,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert proc.returncode is None, (tmp_path / "gateway.log").read_text()
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                async with http.get(url + "/healthz") as resp:
-                    if resp.status == 200:
-                        break
-            assert time.monotonic() < deadline, "the gateway did not start"
-            await asyncio.sleep(0.05)
+        await wait_healthy(url, proc, within=15, log=log_path.read_text)
 
         script = cloud.modelarts.script
         # warm up: token, connection pool, code paths
@@ -979,7 +966,5 @@ async def test_a_100mb_stream_keeps_the_gateway_process_rss_flat(
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await stop_process(proc)
         log.close()

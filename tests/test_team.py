@@ -20,12 +20,11 @@ import aiohttp
 import openai
 import pytest
 import yaml
-from conftest import MODEL, GatewayFactory, RunningGateway, chat_body
+from conftest import MODEL, GatewayFactory, RunningGateway, chat_body, run_gateway_cli
 
 from gateway.config.load import ConfigError, parse_settings
 from gateway.testing import FakeCloud
 
-ROOT = Path(__file__).resolve().parent.parent
 WAIT = 5.0  # bound on awaiting something that must happen (shared, slow CI machines)
 
 ALICE_KEY = "sk-alice-9f2c7e41d0b3"  # listed as `key:`
@@ -386,15 +385,7 @@ def cli_env() -> dict[str, str]:
 
 
 def run_gateway(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        env=cli_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=20,
-    )
+    return run_gateway_cli(*args, env=cli_env(), stdin=stdin)
 
 
 def write_config(tmp_path: Path, config: dict[str, Any]) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import base_config
+from conftest import agency, base_config
 
 from gateway import cli
 from gateway.testing import FakeCloud
@@ -65,16 +65,8 @@ async def test_show_prints_the_token(
 async def test_agency_and_cache_file_origin(
     cloud: FakeCloud, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    agency = {
-        "type": "agency",
-        "via": "main",
-        "iam_url": cloud.iam_url,
-        "domain_name": "other-account",
-        "agency_name": "modelarts-agency",
-        "project": "cn-southwest-2",
-        "cache_file": str(tmp_path / "other.json"),
-    }
-    config = write_config(cloud, tmp_path, other=agency)
+    other = agency(cloud, cache_file=str(tmp_path / "other.json"))
+    config = write_config(cloud, tmp_path, other=other)
     assert await run("token", "--config", config, "--credential", "other") == 0
     assert "from IAM" in capsys.readouterr().out
     assert await run("token", "--config", config, "--credential", "other") == 0

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import GatewayFactory, chat_body
+from conftest import GatewayFactory, agency, chat_body
 
 from gateway.credentials.cache_file import TokenCacheFile
 from gateway.credentials.token_cache import Token, TokenCache
@@ -280,15 +280,7 @@ async def test_agency_cache_file_spares_both_iam_calls(
 ) -> None:
     def edit(config: dict[str, Any]) -> None:
         config["credentials"]["main"]["cache_file"] = str(tmp_path / "main.json")
-        config["credentials"]["other"] = {
-            "type": "agency",
-            "via": "main",
-            "iam_url": cloud.iam_url,
-            "domain_name": "other-account",
-            "agency_name": "modelarts-agency",
-            "project": "cn-southwest-2",
-            "cache_file": str(tmp_path / "other.json"),
-        }
+        config["credentials"]["other"] = agency(cloud, cache_file=str(tmp_path / "other.json"))
         config["routes"][0]["credential"] = "other"
 
     first = await make_gateway(edit)

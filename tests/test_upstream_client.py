@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import GatewayFactory
+from conftest import GatewayFactory, free_port
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -132,13 +132,9 @@ async def test_a_header_value_with_a_line_break_is_refused_before_sending(
 
 
 async def test_a_closed_port_is_connect_failed(client: UpstreamClient) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    url = URL(f"http://127.0.0.1:{free_port()}/")
     with pytest.raises(ConnectFailed):
-        await client.request("GET", URL(f"http://127.0.0.1:{port}/"), CIMultiDict(), b"", 2)
+        await client.request("GET", url, CIMultiDict(), b"", 2)
 
 
 async def test_a_token_with_a_newline_becomes_a_502_not_a_split_request(
