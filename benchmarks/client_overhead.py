@@ -1,6 +1,6 @@
 """CPU per request of aiohttp's ClientSession against a raw protocol with aiohttp's parser.
 
-Why the gateway has its own upstream client (gateway/upstream_client.py). Both loops send 5,000
+Why the gateway has its own upstream client (gateway/http1.py). Both loops send 5,000
 sequential keep-alive requests to the same in-process server, so both figures include it:
 
     python benchmarks/client_overhead.py
