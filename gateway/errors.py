@@ -6,14 +6,17 @@
     │   ├── Unauthorized              401 invalid_api_key
     │   ├── Forbidden                 403 model_not_allowed / origin_not_allowed / host_not_allowed
     │   ├── NotFound                  404 route_not_found / model_not_found
+    │   ├── MethodNotAllowed          405 method_not_allowed (with Allow)
+    │   ├── RequestTimeout            408 request_timeout (the body did not arrive in time)
     │   ├── PayloadTooLarge           413 request_too_large
-    │   └── TooManyRequests           429 concurrency_limit
+    │   ├── TooManyRequests           429 concurrency_limit
+    │   └── HeadersTooLarge           431 headers_too_large
     └── UpstreamError                 5xx: the gateway could not get an answer
         ├── CredentialUnavailable     502 credential_unavailable (IAM down, wrong password, ...)
         ├── UpstreamAuthRejected      502 upstream_auth_rejected (a fresh token was refused too)
         ├── UpstreamUnreachable       502 upstream_unreachable
         ├── UpstreamTimeout           504 upstream_timeout (no response headers within first_byte)
-        └── ServiceUnavailable        503 draining
+        └── ServiceUnavailable        503 draining / buffer_full
 
 Messages are fixed text written here or by the raiser; they never carry a header value, a body,
 a token or a password. Details for operators go to the log, keyed by request id.
@@ -72,6 +75,26 @@ class Forbidden(ClientError):
 class NotFound(ClientError):
     status = 404
     code = "route_not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, allow: tuple[str, ...]) -> None:
+        # the method is a token (the C parser refuses anything else): safe to echo, bounded
+        super().__init__(f"method {method[:20]} is not allowed here", code=None)
+        self.allow = ", ".join(allow)
+
+
+class RequestTimeout(ClientError):
+    status = 408
+    code = "request_timeout"
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
+    code = "headers_too_large"
 
 
 class PayloadTooLarge(ClientError):

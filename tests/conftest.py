@@ -293,3 +293,79 @@ async def raw_until_closed(url: str, data: bytes) -> bytes:
         return await asyncio.wait_for(reader.read(), RAW_WAIT)
     finally:
         writer.close()
+
+
+# --- an upstream that records the exact bytes it receives ---------------------------------------
+
+OK_JSON = b'{"id":"x","object":"chat.completion","choices":[]}'
+
+
+class RecordingUpstream:
+    """A raw TCP upstream: records every request's exact bytes (request line, headers, body)
+    and answers each with ``answer`` (default: a small 200 JSON). Keep-alive; loopback only."""
+
+    def __init__(self, answer: bytes | None = None) -> None:
+        self.received: list[bytes] = []
+        self.answer = answer or (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(OK_JSON), OK_JSON)
+        )
+        self.arrived = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> RecordingUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    @property
+    def heads(self) -> list[str]:
+        """Each request's head (request line and headers) as text."""
+        return [r.split(b"\r\n\r\n", 1)[0].decode("latin-1") for r in self.received]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length) if length else b""
+                self.received.append(head + body)
+                self.arrived.set()
+                writer.write(self.answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def recording() -> AsyncIterator[RecordingUpstream]:
+    upstream = await RecordingUpstream().start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
+
+
+def request_bytes(
+    method: str, target: str, host: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> bytes:
+    """One HTTP/1.1 request exactly as given (the target is not checked or encoded)."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

@@ -447,9 +447,30 @@ def _parse_route(
         max_concurrency=s.integer("max_concurrency", 64, 1),
         heartbeat=s.convert("heartbeat", 15.0, parse_duration),
         timeouts=_parse_timeouts(s.get("timeouts"), s.sub("timeouts"), problems),
+        methods=_methods(s),
     )
     s.finish()
     return route
+
+
+DEFAULT_METHODS = ("GET", "HEAD", "POST")
+# TRACE echoes the request back, credential included; CONNECT opens a tunnel.
+NEVER_PROXIED = frozenset(("TRACE", "CONNECT"))
+
+
+def _methods(s: _Section) -> tuple[str, ...]:
+    if not s.has("methods"):
+        return DEFAULT_METHODS
+    given = _string_list(s, "methods")
+    methods = tuple(dict.fromkeys(m.upper() for m in given))
+    for m in methods:
+        if not re.fullmatch(r"[A-Z]{1,20}", m):
+            s.problem("methods", f"{m!r} is not an HTTP method")
+        elif m in NEVER_PROXIED:
+            s.problem("methods", f"{m} is never proxied (it would expose the credential)")
+    if not methods:
+        s.problem("methods", "must list at least one method")
+    return methods or DEFAULT_METHODS
 
 
 def _parse_routes(

@@ -55,6 +55,7 @@ class Route:
     max_concurrency: int = 64
     heartbeat: float = 15.0
     timeouts: Timeouts = field(default_factory=Timeouts)
+    methods: tuple[str, ...] = ("GET", "HEAD", "POST")  # what is proxied; others get 405
 
     @cached_property
     def upstream_base(self) -> str:

@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway import log as gwlog
 from gateway.errors import (
     GatewayError,
+    MethodNotAllowed,
 )
 from gateway.metrics import Metrics
 
@@ -47,6 +48,8 @@ def error_response(err: GatewayError, rid: str) -> web.Response:
     headers = {"X-Request-Id": rid}
     if err.status == 429:
         headers["Retry-After"] = "1"
+    elif isinstance(err, MethodNotAllowed):
+        headers["Allow"] = err.allow
     return web.Response(
         status=err.status, body=err.body(), content_type="application/json", headers=headers
     )

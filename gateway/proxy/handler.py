@@ -1,7 +1,7 @@
 """The proxy handler: the only module that knows the order of the stages.
 
-guard (Host/Origin 403, API key 401) → draining 503 → path check 400 → route 404
-→ body ≤ max_body 413 → model 400/403/404 → concurrency (route, key) 429
+guard (Host/Origin 403, API key 401) → draining 503 → target (origin-form, canonical path) 400
+→ route 404 → method 405 → body ≤ max_body 413 → model 400/403/404 → concurrency (route, key) 429
 → credential 502 → upstream (connect, first_byte 504, 401 replay once) 502/504
 → small answer whole, or headers then relay chunk by chunk → metrics and access log
 finally: release the concurrency slots, release the upstream response
@@ -31,10 +31,12 @@ from gateway.proxy.exchange import CLIENT_GONE, Exchange, RequestIds, error_resp
 from gateway.proxy.guard import Guard, add_cors, preflight
 from gateway.proxy.headers import upstream_request_headers
 from gateway.proxy.limits import ConcurrencyLimit, read_body, too_large
+from gateway.proxy.redact import config_secrets, sent_secrets
 from gateway.proxy.response import is_small, relay_body, whole
-from gateway.proxy.routing import PathGroup, Router, check_path, model_of
+from gateway.proxy.routing import PathGroup, Router, check_method, model_of
 from gateway.proxy.sse import Relay
-from gateway.proxy.upstream import send, upstream_url
+from gateway.proxy.target import Target, UpstreamBase, parse_target
+from gateway.proxy.upstream import send
 
 log = logging.getLogger("gateway.proxy")
 
@@ -64,6 +66,8 @@ class Proxy:
             for k in settings.listen.api_keys
             if k.max_concurrency
         }
+        self.bases = {r.name: UpstreamBase(r.upstream) for r in settings.routes}
+        self.secrets = config_secrets(settings.credentials)
         self.request_id = RequestIds()
         self.relays: set[Relay] = set()
         self.draining = False
@@ -129,9 +133,11 @@ class Proxy:
     ) -> web.StreamResponse:
         if self.draining:
             raise ServiceUnavailable("the gateway is shutting down; retry on another instance")
-        check_path(request.raw_path)
-        group = self.router.match(request.path)
+        target = parse_target(request.raw_path)
+        group = self.router.match(target.path)
+        check_method(request.method, group.routes)
         route, body = await self._select(request, group, key, ex)
+        check_method(request.method, (route,))
         limits = [self.route_limits[route.name]]
         if key is not None and key.name in self.key_limits:
             limits.append(self.key_limits[key.name])
@@ -143,7 +149,7 @@ class Proxy:
                     taken.release()
                 raise
         try:
-            return await self._forward(request, route, body, ex)
+            return await self._forward(request, route, target, body, ex)
         finally:
             for limit in limits:
                 limit.release()
@@ -172,13 +178,13 @@ class Proxy:
         return route, body
 
     async def _forward(
-        self, request: web.Request, route: Route, body: bytes, ex: Exchange
+        self, request: web.Request, route: Route, target: Target, body: bytes, ex: Exchange
     ) -> web.StreamResponse:
         total = route.timeouts.total
         deadline = ex.start + total if total else monotonic() + 10 * 365 * 86400.0
         outgoing = Outgoing(
             method=request.method,
-            url=upstream_url(route, request.raw_path),
+            url=self.bases[route.name].url(target),
             headers=upstream_request_headers(request.headers),
             body=body,
         )
@@ -192,7 +198,8 @@ class Proxy:
             ex.status = upstream.status
             response: web.StreamResponse
             if is_small(upstream):
-                response = await whole(upstream, route, ex, deadline, self.metrics)
+                secrets = (*self.secrets, *sent_secrets(outgoing.headers))
+                response = await whole(upstream, route, ex, deadline, self.metrics, secrets)
             else:
                 response = await relay_body(
                     request,

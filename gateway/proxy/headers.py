@@ -28,8 +28,21 @@ CLIENT_CREDENTIALS = frozenset(
 RECOMPUTED = frozenset(("host", "content-length", "expect"))
 DROP_REQUEST = HOP_BY_HOP | CLIENT_CREDENTIALS | RECOMPUTED
 
-# Response: hop-by-hop go, and aiohttp sets its own framing.
-DROP_RESPONSE = HOP_BY_HOP | frozenset(("content-length", "date", "server"))
+# Response: hop-by-hop go, and aiohttp sets its own framing. Credentials an upstream (or a
+# hop that echoes requests) may send back never reach the client: they are the gateway's.
+RESPONSE_CREDENTIALS = frozenset(
+    h.lower()
+    for h in (
+        "X-Auth-Token",
+        "X-Subject-Token",
+        "X-Security-Token",
+        "Authorization",
+        "Proxy-Authorization",
+        "Set-Cookie",
+        "Set-Cookie2",
+    )
+)
+DROP_RESPONSE = HOP_BY_HOP | RESPONSE_CREDENTIALS | frozenset(("content-length", "date", "server"))
 
 
 def _without(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:

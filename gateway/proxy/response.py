@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterable
 from time import monotonic
 
 import aiohttp
@@ -23,6 +24,7 @@ from gateway.metrics import Metrics
 from gateway.proxy.exchange import CLIENT_GONE, Exchange
 from gateway.proxy.guard import add_cors
 from gateway.proxy.headers import client_response_headers
+from gateway.proxy.redact import redact
 from gateway.proxy.sse import Relay
 
 log = logging.getLogger("gateway.upstream")
@@ -65,11 +67,12 @@ async def read_small_body(response: UpstreamResponse, route: Route, deadline: fl
         raise UpstreamError("the upstream connection failed") from None
 
 
-def apig_error(status: int, body: bytes) -> GatewayError | None:
+def apig_error(status: int, body: bytes, secrets: Iterable[str] = ()) -> GatewayError | None:
     """An APIG-shaped error (``{"error_code", "error_msg"}``) as an OpenAI-shaped one, else None.
 
     ModelArts' API gateway answers its own failures (throttling, size limit, ...) in its own
-    shape; OpenAI clients show only ``error.message``, so its text is carried over.
+    shape; OpenAI clients show only ``error.message``, so its text is carried over, without
+    any of ``secrets`` (an error that quotes the request's token must not hand it out).
     """
     try:
         data = json.loads(body)
@@ -77,16 +80,20 @@ def apig_error(status: int, body: bytes) -> GatewayError | None:
         return None
     if not isinstance(data, dict) or "error_code" not in data or "error" in data:
         return None
-    err = GatewayError(
-        str(data.get("error_msg", "upstream error"))[:500], code=str(data["error_code"])[:64]
-    )
+    message = redact(str(data.get("error_msg", "upstream error")), secrets)[:500]
+    err = GatewayError(message, code=redact(str(data["error_code"]), secrets)[:64])
     err.status = status
     err.type = "upstream_error"
     return err
 
 
 async def whole(
-    upstream: UpstreamResponse, route: Route, ex: Exchange, deadline: float, metrics: Metrics
+    upstream: UpstreamResponse,
+    route: Route,
+    ex: Exchange,
+    deadline: float,
+    metrics: Metrics,
+    secrets: Iterable[str] = (),
 ) -> web.Response:
     """A small, non-streaming answer, read whole and sent with its headers in one write.
 
@@ -100,7 +107,7 @@ async def whole(
     metrics.child(metrics.stream_end, route.name, "done").inc()
     headers = client_response_headers(upstream.headers)
     headers["X-Request-Id"] = ex.rid
-    err = apig_error(upstream.status, body) if upstream.status >= 400 else None
+    err = apig_error(upstream.status, body, secrets) if upstream.status >= 400 else None
     if err is not None:
         headers["Content-Type"] = "application/json"
         body = err.body()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import unquote
 
 from gateway.config.model import Route
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, MethodNotAllowed, NotFound
 
 
 @dataclass(frozen=True)
@@ -68,12 +67,14 @@ class Router:
         return list(seen)
 
 
-def check_path(raw_path: str) -> None:
-    """Refuse dot-segments: joined to the upstream URL they could climb out of the service."""
-    path = raw_path.split("?", 1)[0]
-    for segment in path.split("/"):
-        if segment in (".", "..") or unquote(segment) in (".", ".."):
-            raise BadRequest("the path must not contain '.' or '..' segments", code="invalid_path")
+def check_method(method: str, routes: Iterable[Route]) -> None:
+    """405 unless one of ``routes`` proxies ``method`` (TRACE would echo the credential)."""
+    allow: dict[str, None] = {}
+    for route in routes:
+        if method in route.methods:
+            return
+        allow.update(dict.fromkeys(route.methods))
+    raise MethodNotAllowed(method, tuple(allow))
 
 
 def model_of(body: bytes) -> str | None:

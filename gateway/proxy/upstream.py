@@ -12,7 +12,6 @@ import re
 from time import monotonic
 
 import aiohttp
-from yarl import URL
 
 from gateway.config.model import Route
 from gateway.credentials import Credential, Outgoing
@@ -31,11 +30,6 @@ from gateway.http1 import (
 from gateway.proxy.response import MAX_SMALL_BODY
 
 log = logging.getLogger("gateway.upstream")
-
-
-def upstream_url(route: Route, raw_path: str) -> URL:
-    """The route's upstream plus the request's full path and query, as received."""
-    return URL(route.upstream_base + raw_path, encoded=True)
 
 
 async def send(
