@@ -191,10 +191,7 @@ def _parse_listen(raw: object, problems: list[str]) -> Listen:
             if any(k.sha256 == parsed.sha256 for k in keys):
                 problems.append(f"listen.api_keys[{i}]: the same key is listed twice")
             keys.append(parsed)
-    allow_remote = s.get("allow_unauthenticated_remote", False)
-    if not isinstance(allow_remote, bool):
-        s.problem("allow_unauthenticated_remote", "must be true or false")
-        allow_remote = False
+    allow_remote = _boolean(s, "allow_unauthenticated_remote")
     listen = Listen(
         host=s.string("host", "127.0.0.1") or "127.0.0.1",
         port=s.integer("port", 8080, 0, 65535),
@@ -204,9 +201,26 @@ def _parse_listen(raw: object, problems: list[str]) -> Listen:
         allow_unauthenticated_remote=allow_remote,
         shutdown_grace=s.convert("shutdown_grace", 30.0, parse_duration),
         header_timeout=s.convert("header_timeout", 30.0, parse_duration),
+        trust_forwarded=_boolean(s, "trust_forwarded"),
+        keepalive_timeout=s.convert("keepalive_timeout", 60.0, parse_duration),
+        body_timeout=s.convert("body_timeout", 60.0, parse_duration),
+        max_connections=s.integer("max_connections", 1024, 1),
+        max_buffered_body=s.convert("max_buffered_body", 256 * 1024 * 1024, parse_size),
+        max_header_bytes=s.convert("max_header_bytes", 64 * 1024, parse_size),
     )
+    for name in ("keepalive_timeout", "body_timeout", "max_buffered_body", "max_header_bytes"):
+        if s.has(name) and getattr(listen, name) <= 0:
+            s.problem(name, "must be > 0")
     s.finish()
     return listen
+
+
+def _boolean(s: _Section, name: str) -> bool:
+    value = s.get(name, False)
+    if not isinstance(value, bool):
+        s.problem(name, "must be true or false")
+        return False
+    return value
 
 
 _REGION = re.compile(r"^[a-z]{2,}(?:-[a-z]+)+-\d+$")

@@ -183,6 +183,12 @@ class Listen:
     allow_unauthenticated_remote: bool = False
     shutdown_grace: float = 30.0
     header_timeout: float = 30.0
+    trust_forwarded: bool = False  # relay client-sent Forwarded / X-Forwarded-* / Via
+    keepalive_timeout: float = 60.0  # idle time allowed between requests on a connection
+    body_timeout: float = 60.0  # a request body must arrive within this (408)
+    max_connections: int = 1024  # beyond it new connections are closed at once
+    max_buffered_body: int = 256 * 1024 * 1024  # request bytes held at once, all requests (503)
+    max_header_bytes: int = 64 * 1024  # a request's header lines in total (431)
 
 
 @dataclass(frozen=True)

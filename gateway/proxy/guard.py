@@ -17,6 +17,8 @@ from aiohttp import web
 from gateway.config.model import ApiKey, Listen
 from gateway.errors import Forbidden, Unauthorized
 
+# Sec-Fetch-Site values (Fetch Metadata) of a request another site's page made.
+CROSS_SITE = frozenset(("cross-site", "same-site"))
 LOCAL_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
 WILDCARDS = frozenset(("0.0.0.0", "::", ""))
 
@@ -73,6 +75,13 @@ class Guard:
         if origin is not None and self.allowed_origin(request) is None:
             raise Forbidden(
                 "cross-origin requests are not allowed (see listen.allowed_origins)",
+                code="origin_not_allowed",
+            )
+        # <img src>, <script src>, a top-level GET: no Origin, but the browser marks them
+        site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+        if site in CROSS_SITE and (origin is None or self.allowed_origin(request) is None):
+            raise Forbidden(
+                "cross-site requests are not allowed (see listen.allowed_origins)",
                 code="origin_not_allowed",
             )
         if not self.keys:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from time import monotonic
 
 from aiohttp import web
@@ -35,7 +36,7 @@ from gateway.proxy.redact import config_secrets, sent_secrets
 from gateway.proxy.response import is_small, relay_body, whole
 from gateway.proxy.routing import PathGroup, Router, check_method, model_of
 from gateway.proxy.sse import Relay
-from gateway.proxy.target import Target, UpstreamBase, parse_target
+from gateway.proxy.target import Target, UpstreamBase, parse_target, without_keys
 from gateway.proxy.upstream import send
 
 log = logging.getLogger("gateway.proxy")
@@ -68,6 +69,8 @@ class Proxy:
         }
         self.bases = {r.name: UpstreamBase(r.upstream) for r in settings.routes}
         self.secrets = config_secrets(settings.credentials)
+        self.trust_forwarded = settings.listen.trust_forwarded
+        self.key_digests = frozenset(k.sha256 for k in settings.listen.api_keys)
         self.request_id = RequestIds()
         self.relays: set[Relay] = set()
         self.draining = False
@@ -134,6 +137,8 @@ class Proxy:
         if self.draining:
             raise ServiceUnavailable("the gateway is shutting down; retry on another instance")
         target = parse_target(request.raw_path)
+        if self.key_digests and target.query:
+            target = replace(target, query=without_keys(target.query, self.key_digests))
         group = self.router.match(target.path)
         check_method(request.method, group.routes)
         route, body = await self._select(request, group, key, ex)
@@ -185,7 +190,9 @@ class Proxy:
         outgoing = Outgoing(
             method=request.method,
             url=self.bases[route.name].url(target),
-            headers=upstream_request_headers(request.headers),
+            headers=upstream_request_headers(
+                request.headers, trust_forwarded=self.trust_forwarded, keys=self.key_digests
+            ),
             body=body,
         )
         outgoing.headers["X-Request-Id"] = ex.rid

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from multidict import CIMultiDict, CIMultiDictProxy
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies strip.
@@ -22,7 +24,15 @@ HOP_BY_HOP = frozenset(
 # Client credentials never travel upstream: the gateway's own credential is the only one.
 CLIENT_CREDENTIALS = frozenset(
     h.lower()
-    for h in ("Authorization", "X-Auth-Token", "X-Apig-AppCode", "Cookie", "X-Security-Token")
+    for h in (
+        "Authorization",
+        "X-Auth-Token",
+        "X-Apig-AppCode",
+        "Cookie",
+        "X-Security-Token",
+        "Api-Key",
+        "X-Api-Key",
+    )
 )
 # Recomputed by the client library for the outgoing request.
 RECOMPUTED = frozenset(("host", "content-length", "expect"))
@@ -71,9 +81,39 @@ ABSENT_MEANS = (
 )
 
 
-def upstream_request_headers(client: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The client's headers minus credentials, hop-by-hop and framing headers."""
+# What a hop says about the client: any client could claim to be one (listen.trust_forwarded).
+FORWARDING = frozenset(("forwarded", "via", "x-real-ip"))
+
+
+def _is_forwarding(name: str) -> bool:
+    low = name.lower()
+    return low in FORWARDING or low.startswith("x-forwarded-")
+
+
+def holds_key(value: str, keys: frozenset[bytes]) -> bool:
+    """True when ``value``, or its part after an auth scheme, is one of the gateway's keys."""
+    if hashlib.sha256(value.strip().encode()).digest() in keys:
+        return True
+    _, _, rest = value.partition(" ")
+    return bool(rest) and hashlib.sha256(rest.strip().encode()).digest() in keys
+
+
+def upstream_request_headers(
+    client: CIMultiDictProxy[str],
+    *,
+    trust_forwarded: bool = True,
+    keys: frozenset[bytes] = frozenset(),
+) -> CIMultiDict[str]:
+    """The client's headers minus credentials, hop-by-hop and framing headers; minus
+    forwarding headers unless trusted; minus any header holding one of ``keys`` (the digests
+    of ``listen.api_keys``), whatever its name."""
     out = _without(client, DROP_REQUEST)
+    if not trust_forwarded or keys:
+        for name in list(out.keys()):
+            if (not trust_forwarded and _is_forwarding(name)) or (
+                keys and any(holds_key(v, keys) for v in out.getall(name))
+            ):
+                out.popall(name, None)
     for name, value in ABSENT_MEANS:
         if name not in out:
             out[name] = value

@@ -14,9 +14,10 @@ UTF-8 (``%c0%ae``, an overlong ``.``), and no ``.`` or ``..`` segment, with or w
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
 from yarl import URL
 
@@ -71,6 +72,19 @@ def _is_dots(segment: str) -> bool:
     """``.`` or ``..``, maybe with a ``;param``. Decoding a second time can add nothing: after
     one decode no ``%`` is left, since ``%25`` and stray ``%`` are refused."""
     return segment.split(";", 1)[0] in _DOTS
+
+
+def without_keys(query: str, keys: frozenset[bytes]) -> str:
+    """``query`` minus every parameter whose value is one of ``keys`` (digests of the
+    gateway's API keys): a client's ``?api_key=`` never reaches the upstream."""
+    if not query or not keys:
+        return query
+    kept = []
+    for pair in query.split("&"):
+        value = unquote_plus(pair.partition("=")[2])
+        if hashlib.sha256(value.encode()).digest() not in keys:
+            kept.append(pair)
+    return "&".join(kept)
 
 
 class UpstreamBase:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from gateway.config.model import Settings
+from gateway.config.risks import start_up_risks
 from gateway.server.app import FINAL_WRITE_GRACE, build_app, make_runner
 from gateway.server.state import GATEWAY
 from gateway.server.systemd import notify
@@ -51,6 +52,8 @@ async def serve(
     started: Callable[[list[str]], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, drain, and return (the CLI then exits 0)."""
+    for risk in start_up_risks(settings):
+        log.warning("%s", risk)
     app = build_app(settings)
     runner = make_runner(app)
     await runner.setup()
