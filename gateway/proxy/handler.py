@@ -28,13 +28,14 @@ from gateway.errors import (
 )
 from gateway.http1 import UpstreamClient
 from gateway.metrics import Metrics
+from gateway.proxy.body import sniff_model
 from gateway.proxy.exchange import CLIENT_GONE, Exchange, RequestIds, error_response, record
 from gateway.proxy.guard import Guard, add_cors, preflight
 from gateway.proxy.headers import upstream_request_headers
 from gateway.proxy.limits import ConcurrencyLimit, read_body, too_large
 from gateway.proxy.redact import config_secrets, sent_secrets
 from gateway.proxy.response import is_small, relay_body, whole
-from gateway.proxy.routing import PathGroup, Router, check_method, model_of
+from gateway.proxy.routing import PathGroup, Router, check_method
 from gateway.proxy.sse import Relay
 from gateway.proxy.target import Target, UpstreamBase, parse_target, without_keys
 from gateway.proxy.upstream import send
@@ -171,7 +172,7 @@ class Proxy:
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
         body = await read_body(request, max(r.max_body for r in group.routes))
-        model = model_of(body)
+        model = await sniff_model(body)
         if key is not None and key.models is not None and model not in key.models:
             raise Forbidden(
                 f"API key {key.name!r} may not use this model", code="model_not_allowed"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -75,21 +74,3 @@ def check_method(method: str, routes: Iterable[Route]) -> None:
             return
         allow.update(dict.fromkeys(route.methods))
     raise MethodNotAllowed(method, tuple(allow))
-
-
-def model_of(body: bytes) -> str | None:
-    """The body's ``model`` field; None when there is no body or no such field."""
-    if not body.strip():
-        return None
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object")
-    model = data.get("model")
-    if model is None:
-        return None
-    if not isinstance(model, str):
-        raise BadRequest('"model" must be a string', code="invalid_model")
-    return model

@@ -13,6 +13,7 @@ from gateway.credentials import Credential, build_credentials
 from gateway.errors import error_body
 from gateway.http1 import UpstreamClient
 from gateway.metrics import Metrics
+from gateway.proxy import body
 from gateway.proxy.handler import Proxy
 from gateway.proxy.routing import Router
 from gateway.server import endpoints
@@ -67,6 +68,7 @@ def _lifetime(
                 await credential.close()
             await client.close()
             await session.close()
+            body.shutdown()
 
     return lifetime
 
