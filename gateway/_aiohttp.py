@@ -8,9 +8,11 @@ Tested on aiohttp 3.13.4 and 3.14.5, the two ends of the range ``pyproject.toml`
 - ``StreamReader``: ``_buffer``, ``_buffer_offset``, ``_size``, ``_cursor``, ``_http_chunk_splits``,
   ``_exception``, ``_protocol``, ``_waiter`` (:class:`ReaderSource`, the relay's zero-copy take
   and its wake-up hook);
-- ``web_protocol.RequestHandler``: subclassed for ``connection_made``, ``connection_lost`` and
-  ``handle_error`` (its signature), and its ``_request_count``; ``writing_paused`` of its base
-  ``BaseProtocol``, reached as ``request.protocol``; ``request.writer.drain()``;
+- ``web_protocol.RequestHandler``: subclassed for ``connection_made``, ``connection_lost``,
+  ``data_received`` and ``handle_error`` (its signature), and its ``_request_count``,
+  ``_request_in_progress`` and ``_messages`` (is a request being handled, or queued: the header
+  timer runs only between requests); ``writing_paused`` of its base ``BaseProtocol``, reached as
+  ``request.protocol``; ``request.writer.drain()``;
 - ``web_server.Server``: ``_loop`` and ``_kwargs`` (to build our handler as aiohttp builds its);
   ``web_runner.AppRunner._make_server``, extended, and the server's ``__class__``: aiohttp offers
   no supported way to choose the protocol handler class (``Server`` builds ``RequestHandler``
@@ -60,37 +62,68 @@ def c_extensions_missing() -> str | None:
 
 
 class _GatewayRequestHandler(RequestHandler):
-    """aiohttp's protocol handler with two changes.
+    """aiohttp's protocol handler with three changes.
 
     Unparsable requests are answered by ``error_response`` (the gateway's JSON error shape):
     aiohttp's own 400 is text/plain and quotes the offending bytes back, which may be a header
     line holding a credential.
 
-    A connection whose first request's headers are not complete within ``header_timeout`` is
-    closed (aiohttp has no such limit): a client trickling headers a byte at a time would
-    otherwise hold its socket for ever, and enough of them would exhaust file descriptors.
+    A connection whose request headers are not complete within ``header_timeout`` of their first
+    byte (of the connection, for the first request) is closed, for every request on it (aiohttp
+    has no such limit): a client trickling headers a byte at a time would otherwise hold its
+    socket for ever, and enough of them would exhaust file descriptors.
+
+    Beyond ``max_connections`` open connections a new one is closed at once (``on_refused`` is
+    called), before it can hold anything; connections already open are untouched.
     """
 
     header_timeout = 0.0
     error_response: Callable[[int], web.Response]
+    server: _GatewayServer
     _header_timer: asyncio.TimerHandle | None = None
+    _header_count = 0  # _request_count when the timer was armed
+    _counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        server = self.server
+        server.open_connections += 1
+        self._counted = True
+        if server.open_connections > server.max_connections:
+            server.on_refused()
+            transport.close()
+            return
+        self._arm()
+
+    def _arm(self) -> None:
         if self.header_timeout:
+            self._header_count = self._request_count
             self._header_timer = asyncio.get_running_loop().call_later(
                 self.header_timeout, self._headers_too_slow
             )
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        timer = self._header_timer
+        if timer is not None:
+            if self._request_count != self._header_count:  # the headers are complete
+                timer.cancel()
+                self._header_timer = None
+        elif not self._request_in_progress and not self._messages:
+            self._arm()  # the first bytes of the next request on this connection
+
     def _headers_too_slow(self) -> None:
         self._header_timer = None
-        if self._request_count == 0 and self.transport is not None:
+        if self._request_count == self._header_count and self.transport is not None:
             self.transport.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._counted:
+            self._counted = False
+            self.server.open_connections -= 1
         super().connection_lost(exc)
 
     def handle_error(
@@ -109,11 +142,15 @@ class _GatewayRequestHandler(RequestHandler):
 class _GatewayServer(Server):
     header_timeout = 0.0
     error_response: Callable[[int], web.Response]
+    max_connections = 1 << 30
+    on_refused: Callable[[], None] = staticmethod(lambda: None)
+    open_connections = 0
 
     def __call__(self) -> RequestHandler:
         handler = _GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.header_timeout = self.header_timeout
         handler.error_response = self.error_response
+        handler.server = self
         return handler
 
 
@@ -126,11 +163,15 @@ class GatewayRunner(web.AppRunner):
         *,
         header_timeout: float,
         error_response: Callable[[int], web.Response],
+        max_connections: int = 1 << 30,
+        on_refused: Callable[[], None] = lambda: None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
         self._error_response = error_response
+        self._max_connections = max_connections
+        self._on_refused = on_refused
 
     async def _make_server(self) -> Server:
         server = await super()._make_server()
@@ -138,6 +179,9 @@ class GatewayRunner(web.AppRunner):
         assert isinstance(server, _GatewayServer)
         server.header_timeout = self._header_timeout
         server.error_response = self._error_response
+        server.max_connections = self._max_connections
+        server.on_refused = self._on_refused
+        server.open_connections = 0
         return server
 
 

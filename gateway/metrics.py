@@ -174,6 +174,18 @@ class Metrics:
         self._chunks: dict[str, ChunkStats] = {}
         r.register(_ChunkCollector(self._chunks))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # issue 8: clients that are refused before they can use the credential
+        self.connections_refused = Counter(
+            "gateway_connections_refused",
+            "New connections closed at once because listen.max_connections were open.",
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "gateway_auth_failures",
+            "Requests refused for a missing or wrong API key, by reason.",
+            ["reason"],
+            registry=r,
+        )
 
     def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock and builds a key on

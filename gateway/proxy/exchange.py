@@ -68,6 +68,7 @@ class Exchange:
     bytes: int = 0
     end: str = "-"
     cors_origin: str | None = None
+    close: bool = False  # close the connection after this answer
 
 
 def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> None:

@@ -23,16 +23,26 @@ from gateway.credentials import Credential, Outgoing
 from gateway.errors import (
     Forbidden,
     GatewayError,
+    HeadersTooLarge,
+    RequestTimeout,
     ServiceUnavailable,
-    TooManyRequests,
+    Unauthorized,
 )
 from gateway.http1 import UpstreamClient
 from gateway.metrics import Metrics
 from gateway.proxy.body import sniff_model
 from gateway.proxy.exchange import CLIENT_GONE, Exchange, RequestIds, error_response, record
+from gateway.proxy.failures import AuthFailures
 from gateway.proxy.guard import Guard, add_cors, preflight
 from gateway.proxy.headers import upstream_request_headers
-from gateway.proxy.limits import ConcurrencyLimit, read_body, too_large
+from gateway.proxy.limits import (
+    BodyBudget,
+    ConcurrencyLimit,
+    Held,
+    read_body,
+    too_large,
+    wants_continue,
+)
 from gateway.proxy.redact import config_secrets, sent_secrets
 from gateway.proxy.response import is_small, relay_body, whole
 from gateway.proxy.routing import PathGroup, Router, check_method
@@ -73,6 +83,11 @@ class Proxy:
         self.trust_forwarded = settings.listen.trust_forwarded
         self.key_digests = frozenset(k.sha256 for k in settings.listen.api_keys)
         self.request_id = RequestIds()
+        self.auth_failures = AuthFailures(metrics)
+        listen = settings.listen
+        self.body_budget = BodyBudget(listen.max_buffered_body)
+        self.body_timeout = listen.body_timeout
+        self.max_header_bytes = listen.max_header_bytes
         self.relays: set[Relay] = set()
         self.draining = False
         self.in_flight = 0
@@ -104,7 +119,8 @@ class Proxy:
                 response = error_response(err, ex.rid)
                 if ex.cors_origin:
                     add_cors(response, ex.cors_origin)
-                if self.draining:
+                if self.draining or ex.close or wants_continue(request):
+                    # a body promised after "100 Continue", never asked for, may still come
                     response.force_close()
             except asyncio.CancelledError:
                 ex.status = CLIENT_GONE
@@ -122,9 +138,22 @@ class Proxy:
     async def _guarded(
         self, request: web.Request, ex: Exchange, answer: Answer
     ) -> web.StreamResponse:
+        if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > self.max_header_bytes:
+            ex.close = True
+            raise HeadersTooLarge(
+                f"the request headers are over {self.max_header_bytes} bytes in total"
+            )
         # before check(): its 401/403 must be readable by an allowed origin's page too
         ex.cors_origin = self.guard.allowed_origin(request)
-        key = self.guard.check(request)
+        try:
+            key = self.guard.check(request)
+        except (Unauthorized, Forbidden) as err:
+            # a client without the right key or from a foreign page gets one answer per
+            # connection: it cannot hold the connection open after it (issue 8)
+            ex.close = True
+            if isinstance(err, Unauthorized):
+                self.auth_failures.failed(request.remote, err.code)
+            raise
         if ex.cors_origin and request.method == "OPTIONS":
             ex.status = 204
             return preflight(ex.cors_origin, request)
@@ -142,36 +171,44 @@ class Proxy:
             target = replace(target, query=without_keys(target.query, self.key_digests))
         group = self.router.match(target.path)
         check_method(request.method, group.routes)
-        route, body = await self._select(request, group, key, ex)
-        check_method(request.method, (route,))
-        limits = [self.route_limits[route.name]]
-        if key is not None and key.name in self.key_limits:
-            limits.append(self.key_limits[key.name])
-        for i, limit in enumerate(limits):
-            try:
-                limit.acquire()
-            except TooManyRequests:
-                for taken in limits[:i]:
-                    taken.release()
-                raise
+        # concurrency slots before the body is read: a slow upload holds a slot, not memory
+        # beyond the limit (the route's when the path alone decides it, else after the body)
+        taken: list[ConcurrencyLimit] = []
+        held = Held(self.body_budget)
+        if len(group.routes) == 1:
+            ex.route = group.routes[0].name
         try:
+            if key is not None and key.name in self.key_limits:
+                _take(self.key_limits[key.name], taken)
+            if len(group.routes) == 1:
+                _take(self.route_limits[group.routes[0].name], taken)
+            route, body = await self._select(request, group, key, ex, held)
+            check_method(request.method, (route,))
+            if len(group.routes) > 1:
+                _take(self.route_limits[route.name], taken)
             return await self._forward(request, route, target, body, ex)
         finally:
-            for limit in limits:
+            held.release()
+            for limit in taken:
                 limit.release()
 
     async def _select(
-        self, request: web.Request, group: PathGroup, key: ApiKey | None, ex: Exchange
+        self,
+        request: web.Request,
+        group: PathGroup,
+        key: ApiKey | None,
+        ex: Exchange,
+        held: Held,
     ) -> tuple[Route, bytes]:
         """The route for this request and its body (read within the route's max_body)."""
         restricted = key is not None and key.models is not None
         if not group.needs_model and not restricted:
             route = group.routes[0]
             ex.route = route.name
-            return route, await read_body(request, route.max_body)
+            return route, await self._body(request, route.max_body, ex, held)
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
-        body = await read_body(request, max(r.max_body for r in group.routes))
+        body = await self._body(request, max(r.max_body for r in group.routes), ex, held)
         model = await sniff_model(body)
         if key is not None and key.models is not None and model not in key.models:
             raise Forbidden(
@@ -182,6 +219,13 @@ class Proxy:
         if len(body) > route.max_body:
             raise too_large(len(body), route.max_body)
         return route, body
+
+    async def _body(self, request: web.Request, max_body: int, ex: Exchange, held: Held) -> bytes:
+        try:
+            return await read_body(request, max_body, self.body_timeout, held)
+        except RequestTimeout:
+            ex.close = True  # part of a body may still come: the connection cannot be reused
+            raise
 
     async def _forward(
         self, request: web.Request, route: Route, target: Target, body: bytes, ex: Exchange
@@ -222,3 +266,8 @@ class Proxy:
             # back to the pool when the body was read to its end; aiohttp closes it otherwise
             upstream.release()
         return response
+
+
+def _take(limit: ConcurrencyLimit, taken: list[ConcurrencyLimit]) -> None:
+    limit.acquire()
+    taken.append(limit)

@@ -1,29 +1,102 @@
-"""Bounded request bodies (413) and per-route concurrency (429)."""
+"""Bounded request bodies (413, 408, 503 buffer_full) and per-route concurrency (429)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
-from gateway.errors import PayloadTooLarge, TooManyRequests
+from gateway.errors import (
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    TooManyRequests,
+)
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-async def read_body(request: web.Request, max_body: int) -> bytes:
+class BodyBudget:
+    """The request-body bytes all requests hold at once, bounded (``listen.max_buffered_body``):
+    unfinished uploads cannot add up to more memory than that, whatever their number."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+class Held:
+    """One request's share of the :class:`BodyBudget`; ``release()`` gives it back."""
+
+    __slots__ = ("budget", "size")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.size = 0
+
+    def take(self, n: int) -> None:
+        budget = self.budget
+        if budget.used + n > budget.limit:
+            raise ServiceUnavailable(
+                "the gateway holds too many request bodies at once; retry later",
+                code="buffer_full",
+            )
+        budget.used += n
+        self.size += n
+
+    def release(self) -> None:
+        self.budget.used -= self.size
+        self.size = 0
+
+
+def wants_continue(request: web.Request) -> bool:
+    """The client waits for ``100 Continue`` before it sends the body."""
+    return (
+        request.version >= (1, 1)
+        and request.headers.get("Expect", "").strip().lower() == "100-continue"
+    )
+
+
+async def read_body(
+    request: web.Request, max_body: int, within: float = 0.0, held: Held | None = None
+) -> bytes:
     """The whole request body, refusing more than ``max_body`` bytes.
 
     Decided from Content-Length before reading when there is one; counted while reading a
-    chunked body (aiohttp's ``client_max_size`` guards only ``request.read()``).
+    chunked body (aiohttp's ``client_max_size`` guards only ``request.read()``). A client that
+    waits for ``100 Continue`` gets it only here, once every answer the headers decide (401,
+    403, 404, 405, 413, 429) has been ruled out. The body must arrive ``within`` seconds
+    (408), and its bytes count against ``held``'s budget (503) while the request lasts.
     """
     length = request.content_length
     if length is not None and length > max_body:
         raise too_large(length, max_body)
     if not request.body_exists:
         return b""
+    if held is not None and length is not None:
+        held.take(length)
+    if wants_continue(request):
+        await request.writer.write(CONTINUE)
+    try:
+        async with asyncio.timeout(within or None):
+            return await _read(request, max_body, held if length is None else None)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {within:g} s", code="request_timeout"
+        ) from None
+
+
+async def _read(request: web.Request, max_body: int, held: Held | None) -> bytes:
     body = bytearray()
     content = request.content
     while True:
         chunk = await content.readany()
         if not chunk:
             return bytes(body)
+        if held is not None:
+            held.take(len(chunk))
         body += chunk
         if len(body) > max_body:
             raise too_large(None, max_body)

@@ -43,7 +43,8 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     app.router.add_get("/metrics", endpoints.metrics)
     if Router(settings.routes).models():
         app.router.add_get("/v1/models", endpoints.models)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    # "100 Continue" is the proxy's to send, once the headers cannot get the request refused
+    app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=_expect_later)
     return app
 
 
@@ -73,6 +74,21 @@ def _lifetime(
     return lifetime
 
 
+async def _expect_later(request: web.Request) -> web.StreamResponse | None:
+    """Nothing yet for ``Expect: 100-continue`` (see ``limits.read_body``); 417 for any other."""
+    if request.headers.get("Expect", "").strip().lower() == "100-continue":
+        return None
+    response = web.Response(
+        status=417,
+        body=error_body(
+            "only 'Expect: 100-continue' is supported", "invalid_request_error", "bad_expect"
+        ),
+        content_type="application/json",
+    )
+    response.force_close()
+    return response
+
+
 def _malformed(status: int) -> web.Response:
     """The answer to a request aiohttp could not parse, in the gateway's error shape."""
     text = "malformed HTTP request" if status < 500 else "internal error"
@@ -86,10 +102,14 @@ def _malformed(status: int) -> web.Response:
 def make_runner(app: web.Application, shutdown_timeout: float = FINAL_WRITE_GRACE) -> web.AppRunner:
     # handler_cancellation: a client that goes away cancels its handler, which closes the
     # upstream request at once (GPU time costs money). Our own access log replaces aiohttp's.
+    listen = app[SETTINGS].listen
     return GatewayRunner(
         app,
-        header_timeout=app[SETTINGS].listen.header_timeout,
+        header_timeout=listen.header_timeout,
         error_response=_malformed,
+        max_connections=listen.max_connections,
+        on_refused=app[METRICS].connections_refused.inc,
+        keepalive_timeout=listen.keepalive_timeout,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=shutdown_timeout,
