@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -33,7 +33,7 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     client = UpstreamClient()  # proxied requests go through the lean HTTP/1.1 client
     proxy = Proxy(settings, client, credentials, metrics)
 
-    app = web.Application()
+    app = web.Application(middlewares=[_not_origin_form(proxy.handle)])
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[GATEWAY] = Gateway(settings, metrics, credentials, proxy)
@@ -46,6 +46,22 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     # "100 Continue" is the proxy's to send, once the headers cannot get the request refused
     app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=_expect_later)
     return app
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _not_origin_form(handle: _Handler) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Targets that are not origin-form go to the proxy, which refuses them in its own shape
+    (400 invalid_path): some aiohttp releases (3.13) match ``*`` against no route at all."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.raw_path[:1] != "/":
+            return await handle(request)
+        return await handler(request)
+
+    return middleware
 
 
 def _lifetime(
