@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     hashk.add_argument(
         "key", nargs="?", help="the key (read from standard input when omitted, safer)"
     )
+    hashk.add_argument(
+        "--generate",
+        action="store_true",
+        help="make a new random key; print it, then its sha256 form",
+    )
 
     token = sub.add_parser(
         "token", help="fetch a token with a configured credential; print its project and expiry"
@@ -98,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "hash-key":
         from gateway.proxy.guard import hash_key
 
+        if args.generate:
+            import secrets
+
+            key = "mag-" + secrets.token_urlsafe(32)  # 256 random bits
+            print(f"key: {key}")
+            print(f"sha256: {hash_key(key)}")
+            return 0
         key = args.key if args.key is not None else sys.stdin.readline().strip()
         if not key:
             print("modelarts-gateway: hash-key: no key given", file=sys.stderr)
