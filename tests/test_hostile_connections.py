@@ -16,6 +16,7 @@ from conftest import (
     RecordingUpstream,
     RunningGateway,
     open_raw,
+    raw_exchange,
     read_answer,
     request_bytes,
     start_gateway,
@@ -24,6 +25,7 @@ from conftest import (
 from yarl import URL
 
 from gateway.config.load import parse_settings
+from gateway.proxy import failures
 
 TOKEN = "gateway-token-" + "T" * 40
 KEY = "team-key-" + "K" * 32  # a team key (listen.api_keys), long enough for the config
@@ -190,3 +192,181 @@ async def test_a_body_that_never_comes_gets_408(
     finally:
         writer.close()
     assert recording.received == []
+
+
+class GatedStream:
+    """A raw upstream answering every request with an event stream: its first event at once,
+    the rest only once ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> GatedStream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    await reader.readexactly(int(value))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"data: one\n\n")
+            )
+            await writer.drain()
+            await self.release.wait()
+            writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+@pytest.fixture
+async def gated() -> AsyncIterator[GatedStream]:
+    upstream = await GatedStream().start()
+    try:
+        yield upstream
+    finally:
+        upstream.release.set()
+        await upstream.close()
+
+
+async def test_beyond_max_connections_a_new_connection_is_closed_at_once(
+    start: Start, gated: GatedStream
+) -> None:
+    gw = await start(upstream=gated.url, max_connections=2)
+    stream_r, stream_w = await open_raw(gw.url)
+    idle_r, idle_w = await open_raw(gw.url)
+    try:
+        await write_raw(stream_w, post(gw, b'{"model":"m","stream":true}'))
+        head = await asyncio.wait_for(stream_r.readuntil(b"data: one\n\n"), RAW_WAIT)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert gw.metric("gateway_connections_refused_total") == 0
+        # two open (a stream, an idle one): a third is closed before it can send anything
+        extra_r, extra_w = await open_raw(gw.url)
+        try:
+            assert await closed_within(extra_r) < 0.5
+        finally:
+            extra_w.close()
+        assert gw.metric("gateway_connections_refused_total") == 1
+        # the stream goes on to its end, unaffected
+        gated.release.set()
+        rest = await asyncio.wait_for(stream_r.readuntil(b"0\r\n\r\n"), RAW_WAIT)
+        assert b"data: [DONE]\n\n" in rest
+        # and the idle connection, already open, is still served
+        await write_raw(idle_w, request_bytes("GET", "/healthz", host_of(gw)))
+        answer = await read_answer(idle_r)
+        assert answer is not None and answer.status == 200
+    finally:
+        stream_w.close()
+        idle_w.close()
+    # once one has closed, a new connection is served again
+    await idle_r.read()
+    answer = await raw_exchange(gw.url, request_bytes("GET", "/healthz", host_of(gw)))
+    assert answer is not None and answer.status == 200
+    assert gw.metric("gateway_connections_refused_total") == 1
+
+
+# --- item 4: a refusal by the guard ends the connection ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("team", "headers", "expected"),
+    [
+        (True, {}, (401, "missing_api_key")),
+        (True, {"Authorization": f"Bearer {WRONG_KEY}"}, (401, "invalid_api_key")),
+        (False, {"Host": "evil.example"}, (403, "host_not_allowed")),
+        (False, {"Origin": "http://evil.example"}, (403, "origin_not_allowed")),
+        (False, {"Sec-Fetch-Site": "cross-site"}, (403, "origin_not_allowed")),
+    ],
+)
+async def test_a_guard_refusal_closes_the_connection_after_its_answer(
+    start: Start,
+    recording: RecordingUpstream,
+    team: bool,
+    headers: dict[str, str],
+    expected: tuple[int, str],
+) -> None:
+    gw = await start(team=team)  # keepalive_timeout: its default (60 s)
+    fields = {"Host": host_of(gw), **headers}
+    one = request_bytes("POST", CHAT, fields.pop("Host"), BODY, fields)
+    # two requests pipelined: only the first is answered, then the connection closes
+    reader, writer = await open_raw(gw.url)
+    try:
+        await write_raw(writer, one + one)
+        answer = await read_answer(reader)
+        assert error_of(answer) == expected
+        assert answer is not None and answer.headers.get("Connection", "").lower() == "close"
+        assert await closed_within(reader) < 1.0
+    finally:
+        writer.close()
+    assert recording.received == []
+    # a request that passes the guard keeps its connection
+    good = post(gw, key=KEY if team else None)
+    reader, writer = await open_raw(gw.url)
+    try:
+        await write_raw(writer, good + good)
+        for _ in range(2):
+            answer = await read_answer(reader)
+            assert answer is not None and answer.status == 200
+    finally:
+        writer.close()
+
+
+async def test_auth_failures_are_counted_and_logged_once_a_minute_per_address(
+    start: Start, captured_logs: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(failures, "monotonic", lambda: now[0])
+    gw = await start(team=True)
+    wrong = post(gw, key=WRONG_KEY)
+    for _ in range(3):
+        assert error_of(await raw_exchange(gw.url, wrong)) == (401, "invalid_api_key")
+    assert error_of(await raw_exchange(gw.url, post(gw))) == (401, "missing_api_key")
+    assert gw.metric("gateway_auth_failures_total", reason="invalid_api_key") == 3
+    assert gw.metric("gateway_auth_failures_total", reason="missing_api_key") == 1
+
+    def auth_lines() -> list[str]:
+        return [r.getMessage() for r in captured_logs.records if r.name == "gateway.auth"]
+
+    assert len(auth_lines()) == 1 and "127.0.0.1" in auth_lines()[0]
+    # another client address is logged on its own
+    parsed = URL(gw.url)
+    reader, writer = await asyncio.open_connection(
+        parsed.host, parsed.port, local_addr=("127.0.0.2", 0)
+    )
+    try:
+        await write_raw(writer, wrong)
+        assert error_of(await read_answer(reader)) == (401, "invalid_api_key")
+    finally:
+        writer.close()
+    assert len(auth_lines()) == 2 and "127.0.0.2" in auth_lines()[1]
+    # within the minute: counted, not logged; after it, logged again
+    now[0] += 59
+    assert error_of(await raw_exchange(gw.url, wrong))[0] == 401
+    assert len(auth_lines()) == 2
+    now[0] += 2
+    assert error_of(await raw_exchange(gw.url, wrong))[0] == 401
+    assert len(auth_lines()) == 3 and "127.0.0.1" in auth_lines()[2]
+    assert gw.metric("gateway_auth_failures_total", reason="invalid_api_key") == 6
+    # the key tried, or the real one, is never in any log line
+    text = captured_logs.text + "".join(r.getMessage() for r in captured_logs.records)
+    assert WRONG_KEY not in text and KEY not in text
+    assert "G" * 30 not in text and "K" * 32 not in text
