@@ -370,3 +370,143 @@ async def test_auth_failures_are_counted_and_logged_once_a_minute_per_address(
     text = captured_logs.text + "".join(r.getMessage() for r in captured_logs.records)
     assert WRONG_KEY not in text and KEY not in text
     assert "G" * 30 not in text and "K" * 32 not in text
+
+
+# --- item 5: refuse before the upload, and never buffer what cannot be served ----------------
+
+EXPECT = {"Expect": "100-continue"}
+
+
+@pytest.mark.parametrize(
+    ("team", "target", "length", "key", "expected"),
+    [
+        (False, CHAT, 4096, None, (413, "request_too_large")),
+        (True, CHAT, 100, None, (401, "missing_api_key")),
+        (True, CHAT, 100, WRONG_KEY, (401, "invalid_api_key")),
+        (False, "/v2/chat/completions", 100, None, (404, "route_not_found")),
+    ],
+)
+async def test_a_refusal_the_headers_decide_comes_without_100_continue(
+    start: Start,
+    recording: RecordingUpstream,
+    team: bool,
+    target: str,
+    length: int,
+    key: str | None,
+    expected: tuple[int, str],
+) -> None:
+    gw = await start(team=team, route={"max_body": 1024})
+    reader, writer = await open_raw(gw.url)
+    try:
+        await write_raw(writer, head_only(gw, length, target, key, **EXPECT))
+        answer = await read_answer(reader)  # a "100 Continue" first would be read here
+        assert error_of(answer) == expected
+        # the body promised after a "100 Continue" never asked for cannot be waited for
+        assert answer is not None and answer.headers.get("Connection", "").lower() == "close"
+    finally:
+        writer.close()
+    assert recording.received == []
+
+
+async def test_a_request_that_passes_gets_100_continue_then_is_served(
+    start: Start, recording: RecordingUpstream
+) -> None:
+    gw = await start(team=True)
+    reader, writer = await open_raw(gw.url)
+    try:
+        await write_raw(writer, head_only(gw, len(BODY), key=KEY, **EXPECT))
+        interim = await read_answer(reader)
+        assert interim is not None and interim.status == 100 and interim.body == b""
+        assert recording.received == []  # nothing goes upstream before the body
+        await write_raw(writer, BODY)
+        answer = await read_answer(reader)
+        assert answer is not None and answer.status == 200
+    finally:
+        writer.close()
+    (received,) = recording.received
+    assert received.endswith(b"\r\n\r\n" + BODY)
+    assert "\r\nexpect:" not in recording.heads[0].lower()
+
+
+async def test_the_concurrency_slot_is_taken_before_the_body_is_read(
+    start: Start, recording: RecordingUpstream
+) -> None:
+    gw = await start(route={"max_concurrency": 1})
+    first_r, first_w = await open_raw(gw.url)
+    try:
+        # the first request's headers are in, its body is not: "100 Continue" says its slot
+        # is held (it is sent once every answer the headers decide is ruled out)
+        await write_raw(first_w, head_only(gw, len(BODY), **EXPECT))
+        interim = await read_answer(first_r)
+        assert interim is not None and interim.status == 100
+        # a second request, whole, is refused at once, not queued behind the upload
+        assert error_of(await raw_exchange(gw.url, post(gw))) == (429, "concurrency_limit")
+        # and one that asks for 100 Continue gets the 429 instead, before its upload
+        assert error_of(await raw_exchange(gw.url, head_only(gw, len(BODY), **EXPECT))) == (
+            429,
+            "concurrency_limit",
+        )
+        assert recording.received == []
+        await write_raw(first_w, BODY)
+        answer = await read_answer(first_r)
+        assert answer is not None and answer.status == 200
+    finally:
+        first_w.close()
+    assert len(recording.received) == 1
+    # the slot is given back: the next request is served
+    answer = await raw_exchange(gw.url, post(gw))
+    assert answer is not None and answer.status == 200
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_bodies_in_flight_beyond_max_buffered_body_get_503(
+    start: Start, recording: RecordingUpstream, framing: str
+) -> None:
+    gw = await start(max_buffered_body=1000, route={"max_body": 1_000_000})
+    body = b'{"model":"m","pad":"' + b"p" * 700 + b'"}'
+    first_r, first_w = await open_raw(gw.url)
+    try:
+        # 700-odd bytes announced: held against the budget from the headers on
+        await write_raw(first_w, head_only(gw, len(body), **EXPECT))
+        interim = await read_answer(first_r)
+        assert interim is not None and interim.status == 100
+        if framing == "content-length":
+            second = post(gw, body)
+        else:
+            second = request_bytes(
+                "POST", CHAT, host_of(gw), headers={"Transfer-Encoding": "chunked"}
+            ).replace(b"Content-Length: 0\r\n", b"") + chunk(body[:400])  # and more to come
+        assert error_of(await raw_exchange(gw.url, second)) == (503, "buffer_full")
+        await write_raw(first_w, body)
+        answer = await read_answer(first_r)
+        assert answer is not None and answer.status == 200
+    finally:
+        first_w.close()
+    assert len(recording.received) == 1
+    # the budget is given back once a request ends
+    answer = await raw_exchange(gw.url, post(gw, body))
+    assert answer is not None and answer.status == 200
+
+
+@pytest.mark.parametrize("limit", [None, 4096])
+async def test_headers_over_max_header_bytes_get_431_and_go_nowhere(
+    start: Start, recording: RecordingUpstream, limit: int | None
+) -> None:
+    gw = await start(**({"max_header_bytes": limit} if limit else {}))
+    total = limit or 64 * 1024
+    size = 1000
+    fields = {f"X-Pad-{i:03d}": "v" * size for i in range(total // size + 1)}
+    reader, writer = await open_raw(gw.url)
+    try:
+        await write_raw(writer, post(gw, **fields))
+        answer = await read_answer(reader)
+        assert error_of(answer) == (431, "headers_too_large")
+        assert await closed_within(reader) < 1.0
+    finally:
+        writer.close()
+    assert recording.received == []
+    # a little under the limit is relayed
+    fewer = {name: value for name, value in list(fields.items())[: total // size - 2]}
+    answer = await raw_exchange(gw.url, post(gw, **fewer))
+    assert answer is not None and answer.status == 200
+    assert len(recording.received) == 1
