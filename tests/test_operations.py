@@ -47,7 +47,7 @@ EXIT_WAIT = 10.0  # bound on a subprocess exiting after a signal
 POLL = 0.01  # polling interval where no event can be awaited (another process, a fake's list)
 
 ALICE_KEY = "sk-alice-ops-4c9e1f7a"
-BOB_KEY = "sk-bob-ops-8d2b6e30"
+BOB_KEY = "sk-bob-ops-8d2b6e30a1"
 
 # gateway_<noun>_<unit> names promised by issue 3, with the sample each must export
 ISSUE_METRICS = {

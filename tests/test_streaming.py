@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -547,14 +548,19 @@ async def test_no_headers_within_first_byte_is_a_504_and_closes_the_upstream_req
 
 
 async def test_unreachable_upstream_is_a_502(
-    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession, request: pytest.FixtureRequest
 ) -> None:
-    port = free_port()
+    # A port held bound but not listening refuses connections, and no other process can take it
+    # while the test runs (a port that was merely free could be taken by a parallel test).
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
 
     def edit(config: dict[str, Any]) -> None:
         config["routes"][0]["upstream"] = f"http://127.0.0.1:{port}/v1/infers/gone"
 
     gw = await make_gateway(edit)
+    request.addfinalizer(holder.close)
     async with http.post(gw.url + CHAT, json=chat_body()) as resp:
         assert resp.status == 502
         assert resp.headers["X-Request-Id"]

@@ -361,7 +361,7 @@ def test_loopback_hosts_need_no_api_keys(host: str) -> None:
 
 
 def test_non_loopback_host_with_api_keys_or_explicit_opt_in_parses() -> None:
-    keys = [{"name": "a", "key": "k"}]
+    keys = [{"name": "a", "key": "k" * 20}]
     with_keys = parse_settings(config_with(STATIC, host="0.0.0.0", api_keys=keys), {})
     assert [k.name for k in with_keys.listen.api_keys] == ["a"]
     opted_in = parse_settings(
@@ -638,3 +638,37 @@ def test_config_with_a_malformed_sha256_names_the_key() -> None:
     with pytest.raises(ConfigError) as info:
         parse_settings(bad, {})
     assert any(p.startswith("listen.api_keys[0].sha256:") for p in info.value.problems)
+
+
+@pytest.mark.parametrize("length", [3, 8, 19])
+def test_a_plaintext_key_shorter_than_20_characters_is_a_config_error(length: int) -> None:
+    key = ("Q7z" * 7)[:length]
+    bad = config_with(STATIC, api_keys=[{"name": "a", "key": key}])
+    with pytest.raises(ConfigError) as info:
+        parse_settings(bad, {})
+    [problem] = info.value.problems
+    assert problem.startswith("listen.api_keys[0].key: is shorter than 20 characters")
+    assert "hash-key --generate" in problem
+    assert key not in problem, "the message never quotes the key"
+
+
+def test_a_20_character_key_and_a_short_key_given_as_sha256_parse() -> None:
+    keys = [{"name": "a", "key": "y" * 20}, {"name": "b", "sha256": sha256_hex("short")}]
+    settings = parse_settings(config_with(STATIC, api_keys=keys), {})
+    assert [k.name for k in settings.listen.api_keys] == ["a", "b"]
+
+
+async def test_hash_key_generate_prints_a_new_random_key_that_works_with_its_sha256(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    first, second = [await asyncio.to_thread(run_gateway, "hash-key", "--generate") for _ in "ab"]
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    lines = dict(line.split(": ", 1) for line in first.stdout.splitlines())
+    key, digest = lines["key"], lines["sha256"]
+    assert len(key) >= 40 and digest == sha256_hex(key)
+    assert key not in second.stdout, "every run draws a new key"
+    gw = await make_gateway(
+        lambda c: c["listen"].update(api_keys=[{"name": "gen", "sha256": digest}])
+    )
+    assert (await post_chat(http, gw, bearer(key)))[0] == 200
+    assert (await post_chat(http, gw, bearer(key[:-1])))[0] == 401

@@ -150,6 +150,10 @@ def _string_list(s: _Section, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+MIN_KEY_LENGTH = 20
+"""A plaintext key this short could be guessed at a few thousand tries a second."""
+
+
 def _parse_api_key(raw: object, key: str, problems: list[str]) -> ApiKey | None:
     s = _Section(raw, key, problems)
     name = s.string("name", required=True)
@@ -159,6 +163,12 @@ def _parse_api_key(raw: object, key: str, problems: list[str]) -> ApiKey | None:
     if plain and digest_hex:
         s.problem("key", "give either key or sha256, not both")
     elif plain:
+        if len(plain) < MIN_KEY_LENGTH:
+            s.problem(
+                "key",
+                f"is shorter than {MIN_KEY_LENGTH} characters, which makes guessing it feasible;"
+                " use `modelarts-gateway hash-key --generate` for a random key",
+            )
         digest = hashlib.sha256(plain.encode()).digest()
     elif digest_hex:
         if not re.fullmatch(r"[0-9a-f]{64}", digest_hex):
