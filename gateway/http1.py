@@ -132,9 +132,17 @@ class _Connection(asyncio.Protocol):
         self._should_close = True
         self._pool.forget(self)
         parser, payload = self._parser, self._payload
-        if parser is not None and payload is not None and not payload.is_eof():
-            with contextlib.suppress(Exception):  # an incomplete body is reported just below
-                finish(parser)
+        if (
+            parser is not None
+            and payload is not None
+            and not payload.is_eof()
+            and payload.exception() is None
+        ):
+            # Only a clean close (FIN) can end a body that runs until the connection closes; a
+            # reset (``exc`` set) never ends a body, whatever its framing.
+            if exc is None:
+                with contextlib.suppress(Exception):  # an incomplete body is reported below
+                    finish(parser)
             if not payload.is_eof():
                 payload.set_exception(aiohttp.ClientPayloadError("the upstream closed mid-body"))
         waiter = self._waiter
