@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import ssl
 import time
 from collections import deque
@@ -28,6 +29,9 @@ READ_BUFSIZE = 2**16
 # of them close idle connections after a while, and a stale one costs a failed write.
 KEEPALIVE = 15.0
 MAX_IDLE_PER_HOST = 256
+# Sent once more when a reused connection closes before answering: the upstream may have acted
+# on the request, which is harmless only for these (nginx and Go's client draw the same line).
+IDEMPOTENT = frozenset({"GET", "HEAD"})
 
 ConnKey = tuple[str, str, int]
 
@@ -41,7 +45,15 @@ class ConnectTimedOut(TimeoutError):
 
 
 class ClosedBeforeResponse(ConnectionError):
-    """The connection closed before a response's headers arrived."""
+    """The connection closed before a response's headers arrived.
+
+    The upstream may have read the whole request and acted on it: only an idempotent request
+    may be sent again after this.
+    """
+
+
+class NotSent(ClosedBeforeResponse):
+    """The connection was gone before the request could be written: the upstream never got it."""
 
 
 class BadResponse(ConnectionError):
@@ -132,9 +144,17 @@ class _Connection(asyncio.Protocol):
         self._should_close = True
         self._pool.forget(self)
         parser, payload = self._parser, self._payload
-        if parser is not None and payload is not None and not payload.is_eof():
-            with contextlib.suppress(Exception):  # an incomplete body is reported just below
-                finish(parser)
+        if (
+            parser is not None
+            and payload is not None
+            and not payload.is_eof()
+            and payload.exception() is None
+        ):
+            # Only a clean close (FIN) can end a body that runs until the connection closes; a
+            # reset (``exc`` set) never ends a body, whatever its framing.
+            if exc is None:
+                with contextlib.suppress(Exception):  # an incomplete body is reported below
+                    finish(parser)
             if not payload.is_eof():
                 payload.set_exception(aiohttp.ClientPayloadError("the upstream closed mid-body"))
         waiter = self._waiter
@@ -164,18 +184,41 @@ class _Connection(asyncio.Protocol):
     def usable(self) -> bool:
         return self.transport is not None and not self.transport.is_closing()
 
+    def peer_closed(self) -> bool:
+        """True if anything is waiting to be read on this idle connection.
+
+        An idle connection has nothing to read unless the upstream closed it (EOF or a reset,
+        already in the socket but not yet seen by the event loop) or sent bytes nobody asked
+        for; either way it must not carry another request (urllib3 checks the same way).
+        """
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
     async def exchange(
         self, head: bytes, body: bytes, method: str
     ) -> tuple[Any, aiohttp.StreamReader]:
         """Send one request; the response's message and body reader once its headers are in."""
-        assert self.transport is not None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise NotSent("the connection closed before the request was written")
         self._parser = response_parser(self, method, READ_BUFSIZE)
         self._payload = None
         self._should_close = False
         waiter = self._waiter = self._loop.create_future()
-        self.transport.write(head + body if len(body) < 16384 else head)
+        transport.write(head + body if len(body) < 16384 else head)
         if len(body) >= 16384:
-            self.transport.write(body)
+            transport.write(body)
+        if transport.is_closing():
+            # the send itself failed (asyncio and uvloop close the transport from inside
+            # write() when the socket refuses it): the request did not reach the upstream whole
+            self._waiter = None
+            waiter.cancel()
+            raise NotSent("the request could not be written")
         try:
             message, payload = await waiter
         except BaseException:
@@ -226,9 +269,11 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         """Send a request and return once the response headers are in.
 
-        A connection taken from the pool may have been closed by the upstream while idle; if it
-        closes before answering, the request is sent once more on a new connection (it cannot
-        have been processed: not one byte of an answer came back).
+        A connection the upstream closed while it was idle is noticed before reuse (EOF already
+        in its socket) and not used. If a reused connection still closes before answering, the
+        request is sent once more on a new connection only when that is safe: the write itself
+        failed (the upstream never had the whole request), or the method is idempotent. A POST
+        the upstream may have read and started is never run twice (issue 9).
         """
         key = (url.scheme, url.host or "", url.port or (443 if url.scheme == "https" else 80))
         head = _request_head(method, url, headers, body)
@@ -239,8 +284,12 @@ class UpstreamClient:
                 conn = await self._connect(key, connect_timeout)
             try:
                 message, payload = await conn.exchange(head, body, method)
+            except NotSent:
+                if attempt == 1:
+                    continue
+                raise
             except ClosedBeforeResponse:
-                if reused and attempt == 1:
+                if reused and attempt == 1 and method in IDEMPOTENT:
                     continue
                 raise
             return UpstreamResponse(conn, message, payload)
@@ -259,7 +308,7 @@ class UpstreamClient:
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be stale
-            if conn.usable and now - conn.idle_since < KEEPALIVE:
+            if conn.usable and now - conn.idle_since < KEEPALIVE and not conn.peer_closed():
                 return conn
             conn.close()
         return None

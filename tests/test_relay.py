@@ -323,6 +323,24 @@ async def test_upstream_failure_inside_an_event_aborts() -> None:
     assert h.sink.writes == [HALF]
 
 
+async def test_an_sse_body_ending_inside_an_event_is_cut_not_done() -> None:
+    h = Harness(heartbeat=0)
+    await h.send(EVENT)
+    await h.send(HALF)
+    h.source.feed_eof()
+    assert await h.result() == "upstream_error"
+    assert h.sink.aborted
+    assert h.sink.writes == [EVENT, HALF]
+
+
+async def test_a_non_sse_body_may_end_anywhere() -> None:
+    h = Harness(sse=False, heartbeat=0)
+    await h.send(HALF)
+    h.source.feed_eof()
+    assert await h.result() == "done"
+    assert not h.sink.aborted
+
+
 async def test_upstream_os_error_counts_as_upstream_error() -> None:
     h = Harness(heartbeat=0)
     h.source.set_exception(ConnectionResetError())

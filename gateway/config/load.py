@@ -217,6 +217,7 @@ def _parse_listen(raw: object, problems: list[str]) -> Listen:
         max_connections=s.integer("max_connections", 1024, 1),
         max_buffered_body=s.convert("max_buffered_body", 256 * 1024 * 1024, parse_size),
         max_header_bytes=s.convert("max_header_bytes", 64 * 1024, parse_size),
+        backlog=s.integer("backlog", 1024, 1),
     )
     for name in ("keepalive_timeout", "body_timeout", "max_buffered_body", "max_header_bytes"):
         if s.has(name) and getattr(listen, name) <= 0:

@@ -189,6 +189,7 @@ class Listen:
     max_connections: int = 1024  # beyond it new connections are closed at once
     max_buffered_body: int = 256 * 1024 * 1024  # request bytes held at once, all requests (503)
     max_header_bytes: int = 64 * 1024  # a request's header lines in total (431)
+    backlog: int = 1024  # listen(2) queue: a burst beyond it waits for a SYN retransmit (1 s)
 
 
 @dataclass(frozen=True)

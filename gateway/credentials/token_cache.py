@@ -3,7 +3,8 @@
 Rules (IAM tokens live 24 h; IAM locks an account after repeated wrong passwords):
 - one fetch serves every concurrent caller (single flight);
 - from ``expires_at - refresh_margin`` on, callers keep getting the old token while a
-  background fetch runs;
+  background fetch runs, up to a safety point strictly later (``safety_point``), so even a short
+  margin leaves a window where a slow or failing IAM costs no request anything;
 - expiry is judged by the wall clock at each use, so a laptop that slept past expiry does not
   keep using a dead token;
 - a failed fetch sets a back-off window during which no fetch is attempted and callers without
@@ -26,8 +27,15 @@ log = logging.getLogger("gateway.credentials")
 # Back-off after a transient failure (IAM down, 5xx, timeout) and after a rejection (401/403).
 TRANSIENT_BACKOFF = (1.0, 300.0)
 REJECTED_BACKOFF = (60.0, 3600.0)
-# A token is not handed out in its last seconds: a request could outlive it.
+# A token is not handed out in its last seconds: a request could outlive it. With a margin
+# shorter than twice this, the last half of the margin is kept instead, so the background
+# refresh (at ``expires_at - refresh_margin``) always starts strictly before the old token stops.
 EXPIRY_SAFETY = 30.0
+
+
+def safety_point(expires_at: float, margin: float) -> float:
+    """When a token stops being handed out: after ``expires_at - margin`` when margin > 0."""
+    return expires_at - min(EXPIRY_SAFETY, margin / 2)
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ class TokenCache:
         token = self._token
         if token is None:
             return None
-        if self._now() >= token.expires_at - min(EXPIRY_SAFETY, self._margin):
+        if self._now() >= safety_point(token.expires_at, self._margin):
             return None
         return token
 
@@ -108,9 +116,7 @@ class TokenCache:
 
     def seed(self, token: Token) -> bool:
         """Adopt a token obtained elsewhere (an on-disk cache) if none is cached; True if used."""
-        if self._token is not None or self._now() >= token.expires_at - min(
-            EXPIRY_SAFETY, self._margin
-        ):
+        if self._token is not None or self._now() >= safety_point(token.expires_at, self._margin):
             return False
         self._token = token
         return True

@@ -218,6 +218,12 @@ class Relay:
                 self._drainer = self._loop.create_task(self._wait_for_client())
                 return
         if source.at_eof():
+            if self._sse and not self.at_boundary:
+                # a body that ends inside an event (a close-delimited one cut by a FIN, or one
+                # whose upstream just stopped there) is reported as the cut it is
+                self._sink.abort()
+                self._finish("upstream_error")
+                return
             self._finish("done")
         else:
             source.wake(self._wake)

@@ -70,7 +70,9 @@ async def serve(
         loop.add_signal_handler(sig, on_signal)
     try:
         try:
-            site = web.TCPSite(runner, settings.listen.host, settings.listen.port)
+            site = web.TCPSite(
+                runner, settings.listen.host, settings.listen.port, backlog=settings.listen.backlog
+            )
             await site.start()
         except BaseException:
             await runner.cleanup()
