@@ -187,6 +187,20 @@ class Metrics:
             registry=r,
         )
 
+        # issue 11: per-key limits and the store that counts them
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "Requests refused by a key's limits, by key name and limit.",
+            ["key", "limit"],
+            registry=r,
+        )
+        self.limits_store_errors = Counter(
+            "gateway_limits_store_errors",
+            "Calls to the limits store that failed (limits_store.on_error applied), by operation.",
+            ["operation"],
+            registry=r,
+        )
+
     def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock and builds a key on
         every call, and the per-request path makes several. Label values are bounded (config

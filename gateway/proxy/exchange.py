@@ -17,6 +17,7 @@ from gateway import log as gwlog
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
+    RateLimited,
 )
 from gateway.metrics import Metrics
 
@@ -46,7 +47,9 @@ class RequestIds:
 
 def error_response(err: GatewayError, rid: str) -> web.Response:
     headers = {"X-Request-Id": rid}
-    if err.status == 429:
+    if isinstance(err, RateLimited):
+        headers["Retry-After"] = str(err.retry_after)
+    elif err.status == 429:
         headers["Retry-After"] = "1"
     elif isinstance(err, MethodNotAllowed):
         headers["Allow"] = err.allow
@@ -69,6 +72,13 @@ class Exchange:
     end: str = "-"
     cors_origin: str | None = None
     close: bool = False  # close the connection after this answer
+    prompt_tokens: int | None = None  # the answer's usage, when it reported one
+    completion_tokens: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus completion tokens of the answer (0 when unknown)."""
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
 
 
 def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> None:

@@ -1,10 +1,11 @@
 """The proxy handler: the only module that knows the order of the stages.
 
 guard (Host/Origin 403, API key 401) → draining 503 → target (origin-form, canonical path) 400
-→ route 404 → method 405 → body ≤ max_body 413 → model 400/403/404 → concurrency (route, key) 429
+→ route 404 → method 405 → key limits (concurrency, per minute, per day) 429 / store 503
+→ body ≤ max_body 413 → model 400/403/404 → route concurrency 429
 → credential 502 → upstream (connect, first_byte 504, 401 replay once) 502/504
 → small answer whole, or headers then relay chunk by chunk → metrics and access log
-finally: release the concurrency slots, release the upstream response
+finally: record the key's tokens, release the concurrency slots, release the upstream response
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.http1 import UpstreamClient
+from gateway.limits import Store
+from gateway.limits.memory import MemoryStore
 from gateway.metrics import Metrics
 from gateway.proxy.body import sniff_model
 from gateway.proxy.exchange import CLIENT_GONE, Exchange, RequestIds, error_response, record
@@ -43,6 +46,7 @@ from gateway.proxy.limits import (
     too_large,
     wants_continue,
 )
+from gateway.proxy.quota import KeyLimiter, Ticket
 from gateway.proxy.redact import config_secrets, sent_secrets
 from gateway.proxy.response import is_small, relay_body, whole
 from gateway.proxy.routing import PathGroup, Router, check_method
@@ -63,6 +67,7 @@ class Proxy:
         client: UpstreamClient,
         credentials: Mapping[str, Credential],
         metrics: Metrics,
+        limits_store: Store | None = None,
     ) -> None:
         self.router = Router(settings.routes)
         self.guard = Guard(settings.listen)
@@ -73,11 +78,12 @@ class Proxy:
             r.name: ConcurrencyLimit(r.max_concurrency, f"route {r.name!r}")
             for r in settings.routes
         }
-        self.key_limits = {
-            k.name: ConcurrencyLimit(k.max_concurrency, f"API key {k.name!r}")
-            for k in settings.listen.api_keys
-            if k.max_concurrency
-        }
+        self.limiter = KeyLimiter(
+            settings.listen.api_keys,
+            limits_store if limits_store is not None else MemoryStore(),
+            settings.limits_store,
+            metrics,
+        )
         self.bases = {r.name: UpstreamBase(r.upstream) for r in settings.routes}
         self.secrets = config_secrets(settings.credentials)
         self.trust_forwarded = settings.listen.trust_forwarded
@@ -177,9 +183,9 @@ class Proxy:
         held = Held(self.body_budget)
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
+        # the key's limits are decided by the headers alone: before "100 Continue" and the body
+        ticket: Ticket | None = await self.limiter.admit(key) if key is not None else None
         try:
-            if key is not None and key.name in self.key_limits:
-                _take(self.key_limits[key.name], taken)
             if len(group.routes) == 1:
                 _take(self.route_limits[group.routes[0].name], taken)
             route, body = await self._select(request, group, key, ex, held)
@@ -191,6 +197,10 @@ class Proxy:
             held.release()
             for limit in taken:
                 limit.release()
+            if ticket is not None:
+                ticket.release()
+                if ex.tokens:
+                    await self.limiter.record_tokens(ticket.key, ex.tokens)
 
     async def _select(
         self,

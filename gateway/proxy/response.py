@@ -87,6 +87,23 @@ def apig_error(status: int, body: bytes, secrets: Iterable[str] = ()) -> Gateway
     return err
 
 
+def json_usage(body: bytes) -> tuple[int | None, int | None]:
+    """``usage.prompt_tokens`` and ``usage.completion_tokens`` of a JSON answer, if it has them."""
+    if b'"usage"' not in body:
+        return None, None
+    try:
+        usage = json.loads(body).get("usage")
+    except (ValueError, AttributeError):
+        return None, None
+    if not isinstance(usage, dict):
+        return None, None
+    return _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 async def whole(
     upstream: UpstreamResponse,
     route: Route,
@@ -107,6 +124,8 @@ async def whole(
     metrics.child(metrics.stream_end, route.name, "done").inc()
     headers = client_response_headers(upstream.headers)
     headers["X-Request-Id"] = ex.rid
+    if upstream.status < 400:
+        ex.prompt_tokens, ex.completion_tokens = json_usage(body)
     err = apig_error(upstream.status, body, secrets) if upstream.status >= 400 else None
     if err is not None:
         headers["Content-Type"] = "application/json"

@@ -8,10 +8,12 @@ import aiohttp
 from aiohttp import web
 
 from gateway._aiohttp import GatewayRunner
-from gateway.config.model import Settings
+from gateway.config.model import LimitsStore, Settings
 from gateway.credentials import Credential, build_credentials
 from gateway.errors import error_body
 from gateway.http1 import UpstreamClient
+from gateway.limits import Store
+from gateway.limits.memory import MemoryStore
 from gateway.metrics import Metrics
 from gateway.proxy import body
 from gateway.proxy.handler import Proxy
@@ -31,13 +33,14 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     metrics = metrics if metrics is not None else Metrics()
     credentials: dict[str, Credential] = {}  # built at start-up: they need the loop's session
     client = UpstreamClient()  # proxied requests go through the lean HTTP/1.1 client
-    proxy = Proxy(settings, client, credentials, metrics)
+    limits_store = open_limits_store(settings.limits_store)
+    proxy = Proxy(settings, client, credentials, metrics, limits_store)
 
     app = web.Application(middlewares=[_not_origin_form(proxy.handle)])
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[GATEWAY] = Gateway(settings, metrics, credentials, proxy)
-    app.cleanup_ctx.append(_lifetime(settings, metrics, credentials, client))
+    app.cleanup_ctx.append(_lifetime(settings, metrics, credentials, client, limits_store))
     app.router.add_get("/healthz", endpoints.healthz)
     app.router.add_get("/readyz", endpoints.readyz)
     app.router.add_get("/metrics", endpoints.metrics)
@@ -64,11 +67,21 @@ def _not_origin_form(handle: _Handler) -> Callable[..., Awaitable[web.StreamResp
     return middleware
 
 
+def open_limits_store(config: LimitsStore) -> Store:
+    """The store ``limits_store`` names (Redis connects on first use, not here)."""
+    if config.type == "redis":
+        from gateway.limits.redis_store import RedisStore  # the optional extra `redis`
+
+        return RedisStore(config)
+    return MemoryStore()
+
+
 def _lifetime(
     settings: Settings,
     metrics: Metrics,
     credentials: dict[str, Credential],
     client: UpstreamClient,
+    limits_store: Store,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         # IAM calls (rare) go through aiohttp's client session
@@ -85,6 +98,7 @@ def _lifetime(
                 await credential.close()
             await client.close()
             await session.close()
+            await limits_store.close()
             body.shutdown()
 
     return lifetime
