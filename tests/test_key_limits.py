@@ -28,6 +28,9 @@ from conftest import (
     base_config,
     chat_body,
     free_port,
+    open_raw,
+    read_answer,
+    request_bytes,
     start_gateway_process,
     stop_process,
     wait_healthy,
@@ -278,6 +281,40 @@ async def test_openai_sdk_sees_rate_limit_error_for_each_refusal(
             await client.close()
 
 
+async def test_refusal_comes_before_100_continue_so_the_body_is_never_sent(
+    make_gateway: GatewayFactory, cloud: FakeCloud, store: dict[str, Any]
+) -> None:
+    gw = await make_gateway(team({"requests_per_minute": 1}, store))
+    host = gw.url.removeprefix("http://")
+    head = {"Authorization": f"Bearer {ALICE_KEY}", "Content-Type": "application/json"}
+    answers = []
+    for _ in range(2):
+        reader, writer = await open_raw(gw.url)
+        try:
+            body = b'{"model": "qwen2-7b", "messages": []}'
+            # the head only: Content-Length announces the body the client holds back
+            request = request_bytes(
+                "POST", "/v1/chat/completions", host, headers={**head, "Expect": "100-continue"}
+            ).replace(b"Content-Length: 0\r\n", b"Content-Length: %d\r\n" % len(body))
+            writer.write(request)
+            await writer.drain()
+            answer = await read_answer(reader)
+            assert answer is not None
+            statuses = [answer.status]
+            if answer.status == 100:
+                writer.write(body)
+                answer = await read_answer(reader)
+                assert answer is not None
+                statuses.append(answer.status)
+            answers.append((statuses, answer))
+        finally:
+            writer.close()
+    assert answers[0][0] == [100, 200]
+    assert answers[1][0] == [429], "refused from the headers, without asking for the body"
+    assert answers[1][1].headers["Retry-After"].isdigit()
+    assert len(cloud.modelarts.requests) == 1
+
+
 # --- the windows, on the memory store's clock ----------------------------------------------------
 
 
@@ -443,6 +480,30 @@ async def test_redis_down_with_on_error_deny_answers_503_then_serves_again(
     await redis_server.start()
     assert await until_recovered(http, gw, captured_logs) == 200
     assert [(await post(http, gw.url, ALICE_KEY))[0] for _ in range(2)] == [200, 429]
+
+
+async def test_a_running_stream_never_waits_on_redis_and_finishes_when_it_dies(
+    make_gateway: GatewayFactory,
+    redis_server: RedisServer,
+    cloud: FakeCloud,
+    http: aiohttp.ClientSession,
+) -> None:
+    store = {"type": "redis", "url": redis_server.url, "on_error": "deny"}
+    gw = await make_gateway(team({"requests_per_minute": 5, "tokens_per_day": 10**6}, store))
+    cloud.modelarts.script.events = 20
+    cloud.modelarts.script.interval = 0.02
+    async with http.post(
+        gw.url + "/v1/chat/completions", json=chat_body(stream=True), headers=bearer(ALICE_KEY)
+    ) as resp:
+        assert resp.status == 200
+        first = await resp.content.readany()
+        await redis_server.stop()  # mid-stream: nothing on the relay path asks Redis
+        body = first + await resp.content.read()
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: {")]
+    assert len(events) == 1 + 20 + 1, "role, every content event, finish"
+    assert body.endswith(b"data: [DONE]\n\n")
+    status, data, _ = await post(http, gw.url, ALICE_KEY)
+    assert (status, data["error"]["code"]) == (503, "limits_unavailable")
 
 
 async def test_redis_that_accepts_but_never_answers_delays_no_request_beyond_its_timeout(
