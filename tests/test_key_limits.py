@@ -506,6 +506,21 @@ async def test_a_running_stream_never_waits_on_redis_and_finishes_when_it_dies(
     assert (status, data["error"]["code"]) == (503, "limits_unavailable")
 
 
+async def test_the_redis_password_is_never_logged_when_redis_fails(
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    captured_logs: pytest.LogCaptureFixture,
+) -> None:
+    password = "redis-pass-5e1d0c9b7a"
+    url = f"redis://:{password}@127.0.0.1:{free_port()}/0"  # nothing listens there
+    gw = await make_gateway(team({"requests_per_minute": 2}, {"type": "redis", "url": url}))
+    assert (await post(http, gw.url, ALICE_KEY))[0] == 200
+    assert store_warnings(captured_logs), "the failure was logged"
+    assert password not in captured_logs.text
+    async with http.get(gw.url + "/metrics") as resp:
+        assert password not in await resp.text()
+
+
 async def test_redis_that_accepts_but_never_answers_delays_no_request_beyond_its_timeout(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
