@@ -78,12 +78,13 @@ class Proxy:
             r.name: ConcurrencyLimit(r.max_concurrency, f"route {r.name!r}")
             for r in settings.routes
         }
-        self.limiter = KeyLimiter(
-            settings.listen.api_keys,
-            limits_store if limits_store is not None else MemoryStore(),
-            settings.limits_store,
-            metrics,
-        )
+        self.key_limits = {
+            k.name: ConcurrencyLimit(k.max_concurrency, f"API key {k.name!r}")
+            for k in settings.listen.api_keys
+            if k.max_concurrency
+        }
+        store = limits_store if limits_store is not None else MemoryStore()
+        self.limiter = KeyLimiter(store, settings.limits_store, metrics)
         self.bases = {r.name: UpstreamBase(r.upstream) for r in settings.routes}
         self.secrets = config_secrets(settings.credentials)
         self.trust_forwarded = settings.listen.trust_forwarded
@@ -184,7 +185,9 @@ class Proxy:
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
         # the key's limits are decided by the headers alone: before "100 Continue" and the body
-        ticket: Ticket | None = await self.limiter.admit(key) if key is not None else None
+        ticket: Ticket | None = None
+        if key is not None:
+            ticket = await self.limiter.admit(key, self.key_limits.get(key.name))
         try:
             if len(group.routes) == 1:
                 _take(self.route_limits[group.routes[0].name], taken)

@@ -13,7 +13,6 @@ second of Redis coming back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from time import monotonic
 
 from gateway.config.model import ApiKey, LimitsStore
@@ -44,28 +43,23 @@ class Ticket:
 
 
 class KeyLimiter:
-    """Every key's limits; the store is shared (it outlives a config reload), slots are not."""
+    """Applies a key's limits: its concurrency slot (the caller's counter, which may outlive a
+    config) and the store's counts. One per process: the store and its health outlive reloads.
+    """
 
-    def __init__(
-        self, keys: Iterable[ApiKey], store: Store, config: LimitsStore, metrics: Metrics
-    ) -> None:
+    def __init__(self, store: Store, config: LimitsStore, metrics: Metrics) -> None:
         self.store = store
         self.deny_on_error = config.on_error == "deny"
         self.metrics = metrics
-        self.slots = {
-            k.name: ConcurrencyLimit(k.limits.max_concurrency, f"API key {k.name!r}")
-            for k in keys
-            if k.limits.max_concurrency
-        }
         self._down = False
         self._probing = False
         self._retry_at = 0.0
         self._warned_at = -WARN_EVERY
         self._unwarned = 0
 
-    async def admit(self, key: ApiKey) -> Ticket:
-        """A ticket for ``key``'s request, or raises the refusal (429, or 503 on_error deny)."""
-        slot = self.slots.get(key.name)
+    async def admit(self, key: ApiKey, slot: ConcurrencyLimit | None) -> Ticket:
+        """A ticket for ``key``'s request, holding ``slot`` (the key's in-flight counter, None
+        without ``max_concurrency``), or raises the refusal (429, or 503 on_error deny)."""
         if slot is not None:
             if slot.active >= slot.limit:
                 self._refuse(key, Refusal("max_concurrency", 1))
