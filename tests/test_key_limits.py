@@ -169,6 +169,19 @@ async def test_requests_per_minute_refuses_the_request_after_the_limit_with_retr
     assert gw.metric("gateway_key_requests_total", key="alice", status="429") == 1
 
 
+async def test_a_burst_of_concurrent_requests_admits_exactly_the_limit(
+    make_gateway: GatewayFactory,
+    cloud: FakeCloud,
+    http: aiohttp.ClientSession,
+    store: dict[str, Any],
+) -> None:
+    gw = await make_gateway(team({"requests_per_minute": 7}, store))
+    results = await asyncio.gather(*(post(http, gw.url, ALICE_KEY) for _ in range(25)))
+    assert sorted(status for status, _, _ in results) == [200] * 7 + [429] * 18
+    assert len(cloud.modelarts.requests) == 7
+    assert gw.metric("gateway_rate_limited_total", key="alice", limit="requests_per_minute") == 18
+
+
 @pytest.mark.parametrize(("limit", "admitted"), [(2 * TOKENS, 2), (2 * TOKENS + 1, 3)])
 @pytest.mark.usefixtures("script")
 async def test_tokens_per_minute_admits_while_below_the_limit_then_refuses(
