@@ -17,13 +17,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import GatewayFactory, RunningGateway, agency, chat_body
+import yaml
+from conftest import ROOT, GatewayFactory, RunningGateway, agency, chat_body, start_gateway
 
 from gateway.config.load import ConfigError, parse_settings
 from gateway.config.model import WorkloadIdentityCredential
 from gateway.credentials.token_cache import TokenCache
 from gateway.server.state import GATEWAY
-from gateway.testing import FakeCloud
+from gateway.testing import FakeCloud, OidcProvider
 
 DAY = 86400.0
 
@@ -361,6 +362,45 @@ async def test_an_agency_can_use_workload_identity_as_via(
     assert (await chat(http, gw))[0] == 200
     assert len(cloud.iam.id_token_requests) == 1
     assert cloud.iam.calls == 2  # the id-token exchange, then assume_role with its token
+
+
+async def test_sidecar_manifest_works_with_iam_set_up_as_its_comments_say(
+    cloud: FakeCloud, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """deploy/kubernetes/sidecar-workload-identity.yaml: its config, audience and service
+    account, against an IAM identity provider configured as the manifest's comments describe."""
+    docs = list(
+        yaml.safe_load_all((ROOT / "deploy/kubernetes/sidecar-workload-identity.yaml").read_text())
+    )
+    (configmap,) = (d for d in docs if d["kind"] == "ConfigMap")
+    (account,) = (d for d in docs if d["kind"] == "ServiceAccount")
+    (deployment,) = (d for d in docs if d["kind"] == "Deployment")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if "projected" in v)
+    audience = volume["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+    subject = f"system:serviceaccount:default:{account['metadata']['name']}"
+    provider = OidcProvider(idp_id="my-cluster", client_id=audience, subjects=(subject,))
+    cloud.iam.providers = {provider.idp_id: provider}
+    token_file = tmp_path / "oidc-token"
+    token_file.write_text(provider.mint(subject))
+
+    config = yaml.safe_load(configmap["data"]["config.yaml"])
+    config["listen"]["port"] = 0
+    credential = config["credentials"]["main"]
+    assert credential["region"] == "cn-southwest-2"
+    credential["iam_url"] = cloud.iam_url  # the region's IAM, here the fake
+    credential["token_file"] = str(token_file)
+    environ = {"HWC_IDP_ID": provider.idp_id, "MODELARTS_SERVICE_URL": cloud.service_url}
+    gw = await start_gateway(parse_settings(config, environ))
+    try:
+        for stream in (False, True):
+            async with http.post(
+                gw.url + "/v1/chat/completions", json=chat_body(stream=stream)
+            ) as resp:
+                assert resp.status == 200
+        assert cloud.iam.id_token_requests[0].scope == {"project": {"name": "cn-southwest-2"}}
+        assert cloud.iam.calls == 1
+    finally:
+        await gw.runner.cleanup()
 
 
 # --- the fake IAM's id-token endpoint: it must refuse what real IAM refuses ------------------
