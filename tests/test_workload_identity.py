@@ -133,6 +133,19 @@ async def test_token_file_is_exchanged_for_a_project_token_streaming_and_not(
     assert time.time() + DAY - 60 < expiry <= time.time() + DAY
 
 
+async def test_concurrent_requests_share_one_exchange(
+    cloud: FakeCloud, make_gateway: GatewayFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    path = tmp_path / "token"
+    path.write_text(cloud.iam.provider.mint())
+    cloud.iam.delay = 0.3  # every request arrives while the one exchange is under way
+    gw = await make_gateway(use_wi(cloud, path))
+    results = await asyncio.gather(*(chat(http, gw, stream=i % 2 == 0) for i in range(20)))
+    assert [status for status, _ in results] == [200] * 20
+    assert cloud.iam.calls == 1
+    assert len(set(tokens_seen(cloud))) == 1
+
+
 async def test_project_id_scopes_the_token_by_id(
     cloud: FakeCloud,
     make_gateway: GatewayFactory,
