@@ -526,4 +526,16 @@ def test_missing_keys_are_named() -> None:
             }
         )
     assert "credentials.wi.token_file: must not be empty" in err.value.problems
+    with pytest.raises(ConfigError) as err:
+        wi_settings(
+            {
+                "type": "workload_identity",
+                "region": "cn-southwest-2",
+                "idp_id": "cce\r\nX-Evil: 1",
+                "token_file": "/t",
+            }
+        )
+    assert err.value.problems == [
+        "credentials.wi.idp_id: must be an identity provider name (no spaces or control characters)"
+    ]
     assert "credentials.wi.password: unknown key" in err.value.problems

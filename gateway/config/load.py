@@ -329,10 +329,13 @@ def _parse_workload_identity(s: _Section, name: str) -> CredentialConfig:
     token_file = _path(s, "token_file")
     if token_file is None and not s.has("token_file"):
         s.problem("token_file", "is required (the projected service-account token's path)")
+    idp_id = s.string("idp_id", required=True)
+    if idp_id and not (idp_id.isprintable() and idp_id.isascii() and " " not in idp_id):
+        s.problem("idp_id", "must be an identity provider name (no spaces or control characters)")
     return WorkloadIdentityCredential(
         name=name,
         iam_url=scope.iam_url,
-        idp_id=s.string("idp_id", required=True),
+        idp_id=idp_id,
         token_file=token_file or Path(),
         project=scope.project,
         project_id=scope.project_id,
