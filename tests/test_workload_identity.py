@@ -526,6 +526,7 @@ def test_missing_keys_are_named() -> None:
             }
         )
     assert "credentials.wi.token_file: must not be empty" in err.value.problems
+    assert "credentials.wi.password: unknown key" in err.value.problems
     with pytest.raises(ConfigError) as err:
         wi_settings(
             {
@@ -538,4 +539,3 @@ def test_missing_keys_are_named() -> None:
     assert err.value.problems == [
         "credentials.wi.idp_id: must be an identity provider name (no spaces or control characters)"
     ]
-    assert "credentials.wi.password: unknown key" in err.value.problems
