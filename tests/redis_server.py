@@ -17,9 +17,14 @@ READY_WAIT = 10.0
 
 
 class RedisServer:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+    """On a free loopback port, or with ``unix_socket`` on that socket only (no TCP at all)."""
+
+    def __init__(self, unix_socket: str | None = None) -> None:
+        self.port = 0 if unix_socket else free_port()
+        self.unix_socket = unix_socket
+        self.url = (
+            f"unix://{unix_socket}?db=0" if unix_socket else f"redis://127.0.0.1:{self.port}/0"
+        )
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> RedisServer:
@@ -36,6 +41,11 @@ class RedisServer:
             "",
             "--appendonly",
             "no",
+            *(
+                ("--unixsocket", self.unix_socket, "--unixsocketperm", "700")
+                if self.unix_socket
+                else ()
+            ),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -48,7 +58,7 @@ class RedisServer:
                 if not line:
                     raise AssertionError(b"redis-server exited:\n" + b"".join(seen))
                 seen.append(line)
-                if b"Ready to accept connections" in line:
+                if b"ready to accept connections" in line.lower():
                     break
         # keep draining its log so a full pipe never blocks it
         self._drain = asyncio.ensure_future(self._discard())

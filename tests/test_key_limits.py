@@ -13,6 +13,7 @@ import calendar
 import copy
 import logging
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -441,6 +442,21 @@ async def until_recovered(
 
 def store_warnings(logs: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in logs.records if "limits store failed" in r.getMessage()]
+
+
+async def test_redis_on_a_unix_socket_counts_too(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="mag-") as directory:  # short: sun_path is 108 bytes
+        server = await RedisServer(unix_socket=f"{directory}/redis.sock").start()
+        try:
+            store = {"type": "redis", "url": server.url}
+            gw = await make_gateway(team({"requests_per_minute": 2}, store))
+            statuses = [(await post(http, gw.url, ALICE_KEY))[0] for _ in range(3)]
+            assert statuses == [200, 200, 429]
+            assert gw.metric("gateway_limits_store_errors_total", operation="admit") == 0
+        finally:
+            await server.stop()
 
 
 async def test_redis_down_with_on_error_allow_admits_unchecked_then_enforces_again(
