@@ -138,7 +138,7 @@ class KeyLimiter:
     def _recovered(self) -> None:
         if self._down:
             self._down = False
-            log.warning("limits store answers again: limits are enforced")
+            log.info("limits store answers again: limits are enforced")
 
     def _refuse(self, key: ApiKey, refusal: Refusal) -> None:
         self.metrics.child(self.metrics.rate_limited, key.name, refusal.limit).inc()
