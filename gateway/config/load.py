@@ -435,8 +435,9 @@ def _parse_timeouts(raw: object, key: str, problems: list[str]) -> Timeouts:
         first_byte=s.convert("first_byte", d.first_byte, parse_duration),
         idle=s.convert("idle", d.idle, parse_duration),
         total=s.convert("total", d.total, parse_duration),
+        pool_idle=s.convert("pool_idle", d.pool_idle, parse_duration),
     )
-    for name in ("connect", "first_byte"):
+    for name in ("connect", "first_byte", "pool_idle"):
         if s.has(name) and getattr(t, name) <= 0:
             s.problem(name, "must be > 0")
     s.finish()

@@ -42,6 +42,7 @@ class Timeouts:
     first_byte: float = 120.0
     idle: float = 60.0
     total: float = 1800.0
+    pool_idle: float = 15.0  # an unused pooled upstream connection is closed after this long
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,13 @@ async def _attempt(
     try:
         async with asyncio.timeout(wait):
             return await client.request(
-                outgoing.method, outgoing.url, outgoing.headers, outgoing.body, t.connect
+                outgoing.method,
+                outgoing.url,
+                outgoing.headers,
+                outgoing.body,
+                t.connect,
+                pool=route.name,
+                keepalive=t.pool_idle,
             )
     except ConnectTimedOut:
         raise UpstreamTimeout(

@@ -31,6 +31,7 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     metrics = metrics if metrics is not None else Metrics()
     credentials: dict[str, Credential] = {}  # built at start-up: they need the loop's session
     client = UpstreamClient()  # proxied requests go through the lean HTTP/1.1 client
+    metrics.watch_pool([r.name for r in settings.routes], client.sizes)
     proxy = Proxy(settings, client, credentials, metrics)
 
     app = web.Application(middlewares=[_not_origin_form(proxy.handle)])
