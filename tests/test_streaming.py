@@ -878,8 +878,9 @@ async def test_an_apig_error_is_reshaped_into_the_openai_shape_with_the_same_sta
         assert resp.status == status
         assert resp.content_type == "application/json"
         body = await resp.json()
+        upstream_id = resp.headers["X-Upstream-Request-Id"]  # APIG's, for support (issue 9)
     assert_openai_error(body, code)
-    assert body["error"]["message"] == message
+    assert body["error"]["message"] == f"{message} (upstream request id {upstream_id})"
     assert body["error"]["type"] == "upstream_error"
 
 

@@ -474,6 +474,7 @@ def _parse_route(
         heartbeat=s.convert("heartbeat", 15.0, parse_duration),
         timeouts=_parse_timeouts(s.get("timeouts"), s.sub("timeouts"), problems),
         methods=_methods(s),
+        default=_boolean(s, "default"),
     )
     s.finish()
     return route
@@ -525,6 +526,12 @@ def _parse_routes(
             problems.append(
                 f"routes[{fallbacks[1]}].models: routes on path {routes[fallbacks[1]].path!r} "
                 "share it, so each but one must list its models"
+            )
+        defaults = [i for i in indexes if routes[i].default]
+        if len(defaults) > 1:
+            problems.append(
+                f"routes[{defaults[1]}].default: routes[{defaults[0]}] is already the default "
+                f"route on path {routes[defaults[0]].path!r}"
             )
         claimed: dict[str, int] = {}
         for i in indexes:

@@ -57,6 +57,7 @@ class Route:
     heartbeat: float = 15.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     methods: tuple[str, ...] = ("GET", "HEAD", "POST")  # what is proxied; others get 405
+    default: bool = False  # takes bodies without a "model" (or not JSON) on its path
 
     @cached_property
     def upstream_base(self) -> str:
