@@ -131,7 +131,10 @@ class _Connection(asyncio.Protocol):
             self._fail(BadResponse("the upstream's answer could not be parsed"))
             return
         for message, payload in messages:
-            if 100 <= message.code < 200 and message.code != 101:
+            if message.code == 101:  # never asked for (no Upgrade is forwarded): not an answer
+                self._fail(BadResponse("the upstream switched protocols unasked"))
+                return
+            if 100 <= message.code < 200:
                 continue  # an interim answer; the real one follows on the same connection
             if message.should_close:
                 self._should_close = True

@@ -896,6 +896,9 @@ async def test_an_openai_shaped_upstream_error_passes_through_unchanged(
 # --- memory: a 100 MB stream through a gateway process --------------------------------------------
 
 
+MAX_GROWTH = 3 * 1024 * 1024  # RSS growth allowed while 100 MiB stream through
+
+
 def _vm(pid: int, field: str) -> int:
     """A ``/proc/PID/status`` memory field in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -967,8 +970,11 @@ async def test_a_100mb_stream_keeps_the_gateway_process_rss_flat(
             f"(+{(after - before) / mib:.1f}), VmHWM {hwm / mib:.1f} MiB"
         )
         assert total > 100 * 1000 * 1000
-        assert peak - before < 30 * mib
-        assert after - before < 30 * mib
+        # measured +0.6 to +0.9 MiB at the peak either way (issue 9); the README promises under
+        # 3 MiB, so does this bound; VmHWM also catches a peak between two samples
+        assert peak - before < MAX_GROWTH
+        assert hwm - before < MAX_GROWTH
+        assert after - before < MAX_GROWTH
 
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
