@@ -96,7 +96,7 @@ async def counting() -> AsyncIterator[CountingUpstream]:
 
 
 POOL_IDLE = 0.5
-SLACK = 0.5
+SLACK = 1.0  # the loop may be late on a busy machine; early is what must never be
 
 
 async def test_after_a_burst_idle_connections_close_on_time_without_traffic(
