@@ -131,6 +131,10 @@ async def test_after_a_burst_idle_connections_close_on_time_without_traffic(
         await counting.none_open.wait()
     loop = asyncio.get_running_loop()
     first_answer, last_answer = min(counting.answered_at), max(counting.answered_at)
+    print(
+        f"\n20 idle connections closed {min(counting.closed_at) - first_answer:.3f}"
+        f"-{max(counting.closed_at) - last_answer:.3f} s after answering (pool_idle {POOL_IDLE})"
+    )
     # not before pool_idle (the pool kept them for reuse), and on time after it
     assert min(counting.closed_at) >= first_answer + POOL_IDLE - 0.02
     assert max(counting.closed_at) <= last_answer + POOL_IDLE + SLACK
