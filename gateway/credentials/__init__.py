@@ -16,11 +16,15 @@ from gateway.config.model import (
     AppAkSkCredential,
     AppCodeCredential,
     CredentialConfig,
+    EcsMetadataCredential,
     IamPasswordCredential,
     NoCredential,
+    PodIdentityCredential,
+    SdkDefaultCredential,
     StaticTokenCredential,
     TokenFileCredential,
 )
+from gateway.credentials import temporary_aksk
 from gateway.credentials.aksk import Signer
 from gateway.credentials.base import Credential, Outgoing, TokenSource
 from gateway.credentials.iam import Agency, IamPassword
@@ -59,6 +63,12 @@ def build_credential(
             return Signer(cfg.name, cfg.app_key, cfg.app_secret)
         case NoCredential():
             return NoAuth(cfg.name)
+        case EcsMetadataCredential():
+            return temporary_aksk.ecs_metadata(cfg, session, on_refresh)
+        case PodIdentityCredential():
+            return temporary_aksk.pod_identity(cfg, session, on_refresh)
+        case SdkDefaultCredential():
+            return temporary_aksk.sdk_default(cfg, session, on_refresh)
     raise TypeError(f"unsupported credential config {type(cfg).__name__}")
 
 
