@@ -69,6 +69,8 @@ def parse_answer(payload: bytes, origin: str) -> TemporaryKeys:
             n for n, v in (("access", access), ("secret", secret), ("expires_at", expires)) if not v
         ]
         raise FetchFailed(f"{origin} answered without {', '.join(missing)}")
+    if not header_safe(access) or (token and not header_safe(token)):
+        raise FetchFailed(f"{origin} answered with an access key or token that is not one line")
     return TemporaryKeys(
         value=access,
         expires_at=parse_expiry(expires, origin),
@@ -77,6 +79,11 @@ def parse_answer(payload: bytes, origin: str) -> TemporaryKeys:
         security_token=Secret(token) if token else None,
         obtained_at=time.monotonic(),
     )
+
+
+def header_safe(value: str) -> bool:
+    """Fit for a header value: no line breaks or other control characters (nor leading spaces)."""
+    return value.isprintable() and value == value.strip()
 
 
 def _first(data: dict[str, Any], *names: str) -> str:

@@ -29,7 +29,12 @@ from gateway.config.model import (
 )
 from gateway.credentials.aksk import Signer
 from gateway.credentials.base import Outgoing
-from gateway.credentials.key_services import MetadataService, PodIdentityService, TemporaryKeys
+from gateway.credentials.key_services import (
+    MetadataService,
+    PodIdentityService,
+    TemporaryKeys,
+    header_safe,
+)
 from gateway.credentials.token_cache import (
     FetchFailed,
     RefreshListener,
@@ -120,6 +125,10 @@ class TemporaryAkSk:
 
 def static_keys(keys: StaticKeys, origin: str) -> TemporaryKeys:
     """Keys found in the environment or the profile file: they never expire by themselves."""
+    token = keys.security_token.reveal() if keys.security_token else ""
+    if not header_safe(keys.ak) or (token and not header_safe(token)):
+        # the SDK would try to send them; a header cannot carry a line break
+        raise SourceBroken(f"the {origin}'s ak or security token is not a single line")
     return TemporaryKeys(
         value=keys.ak,
         expires_at=math.inf,
