@@ -625,3 +625,97 @@ async def test_sdk_default_refuses_the_sdks_federated_login_at_start_up() -> Non
     with pytest.raises(ConfigError) as caught:
         parse_settings(config, environ)
     assert "credentials.main.type: sdk_default: HUAWEICLOUD_SDK_IDP_ID" in str(caught.value)
+
+
+# --- config -------------------------------------------------------------------------------------
+
+
+def config_with(credential: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "credentials": {"main": credential},
+        "routes": [{"name": "r", "upstream": "http://127.0.0.1:1", "credential": "main"}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("credential", "environ", "message"),
+    [
+        (
+            {"type": "pod_identity"},
+            {},
+            "credentials.main.uri: is required (or set HC_CONTAINER_CREDENTIALS_FULL_URI)",
+        ),
+        (
+            {"type": "pod_identity", "uri": "http://127.0.0.1:1/c"},
+            {},
+            "credentials.main.token_file: is required (or set "
+            "HC_CONTAINER_AUTHORIZATION_TOKEN_FILE)",
+        ),
+        (
+            {"type": "pod_identity", "token_file": "/t"},
+            {"HC_CONTAINER_CREDENTIALS_FULL_URI": "not a url"},
+            "credentials.main.uri: HC_CONTAINER_CREDENTIALS_FULL_URI must be an http:// or "
+            "https:// URL with a host",
+        ),
+        (
+            {"type": "pod_identity", "uri": "ftp://x/c", "token_file": "/t"},
+            {},
+            "credentials.main.uri: must be an http:// or https:// URL with a host",
+        ),
+        (
+            {"type": "ecs_metadata", "metadata_url": "169.254.169.254"},
+            {},
+            "credentials.main.metadata_url: must be an http:// or https:// URL with a host",
+        ),
+        (
+            {"type": "ecs_metadata", "refresh_margin": "soon"},
+            {},
+            "credentials.main.refresh_margin:",
+        ),
+        ({"type": "sdk_default", "ak": "x"}, {}, "credentials.main.ak: unknown key"),
+        (
+            {"type": "sdk_default"},
+            {
+                "HUAWEICLOUD_OIDC_PROVIDER_URN": "urn",
+                "HUAWEICLOUD_OIDC_AGENCY_URN": "urn",
+                "HUAWEICLOUD_OIDC_ID_TOKEN": "jwt-never-shown",
+            },
+            "credentials.main.type: sdk_default: HUAWEICLOUD_OIDC_PROVIDER_URN and "
+            "HUAWEICLOUD_OIDC_AGENCY_URN select the SDK's OIDC STS login",
+        ),
+        ({"type": "nope"}, {}, "ecs_metadata, pod_identity, sdk_default"),
+    ],
+)
+def test_config_errors_name_the_key(
+    credential: dict[str, Any], environ: dict[str, str], message: str
+) -> None:
+    from gateway.config.load import ConfigError, parse_settings
+
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(config_with(credential), environ)
+    assert message in str(caught.value)
+    assert "jwt-never-shown" not in str(caught.value)
+
+
+def test_defaults_and_the_environment_read_once_at_load() -> None:
+    from gateway.config.load import parse_settings
+    from gateway.config.model import EcsMetadataCredential, SdkDefaultCredential
+
+    md = parse_settings(config_with({"type": "ecs_metadata"}), {}).credentials["main"]
+    assert isinstance(md, EcsMetadataCredential)
+    assert str(md.metadata_url) == "http://169.254.169.254"
+    assert md.refresh_margin == 300.0
+    environ = {
+        "HUAWEICLOUD_SDK_AK": "AK",
+        "HUAWEICLOUD_SDK_SK": "SK",
+        "HOME": "/home/u",
+        "HC_CONTAINER_CREDENTIALS_FULL_URI": "http://127.0.0.1:1/c",
+        "HC_CONTAINER_AUTHORIZATION_TOKEN_FILE": "/var/run/token",
+    }
+    sdk = parse_settings(config_with({"type": "sdk_default"}), environ).credentials["main"]
+    assert isinstance(sdk, SdkDefaultCredential)
+    environ.clear()  # later changes to the environment change nothing
+    assert sdk.env_keys is not None and sdk.env_keys.ak == "AK"
+    assert str(sdk.profile_file) == "/home/u/.huaweicloud/credentials"
+    assert sdk.pod_identity is not None and str(sdk.pod_identity.token_file) == "/var/run/token"
+    assert "SK" not in repr(sdk)
