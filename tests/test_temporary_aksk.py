@@ -488,6 +488,22 @@ async def test_sdk_default_takes_the_environment_first(
     assert gw.metric("gateway_token_expiry_timestamp_seconds", credential="main") == 0
 
 
+async def test_sdk_default_keys_from_the_environment_are_not_replayed_when_refused(
+    cloud: FakeCloud,
+    platform: Platform,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(temporary_aksk, "MIN_AGE_FOR_REPLAY", 0.0)
+    environ = {"HUAWEICLOUD_SDK_AK": "ENVAKUNKNOWN", "HUAWEICLOUD_SDK_SK": ENV_SK}
+    gw = await make_gateway(use(sdk_cred(platform)), environ=environ)
+    status, body = await chat(http, gw)
+    assert status == 502
+    assert json.loads(body)["error"]["code"] == "upstream_auth_rejected"
+    assert cloud.modelarts.unauthorized == 1  # the same keys again could not help
+
+
 async def test_sdk_default_falls_through_to_the_profile_file(
     cloud: FakeCloud,
     platform: Platform,
