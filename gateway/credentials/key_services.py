@@ -106,10 +106,13 @@ def parse_expiry(text: str, origin: str) -> float:
 
 
 async def _read(resp: aiohttp.ClientResponse) -> bytes:
-    data = await resp.content.read(MAX_ANSWER + 1)
-    if len(data) > MAX_ANSWER:
-        raise FetchFailed("the credential service answered with an oversized body")
-    return data
+    """The whole body, up to MAX_ANSWER (a credential answer is a few KiB)."""
+    data = bytearray()
+    async for chunk in resp.content.iter_any():
+        data += chunk
+        if len(data) > MAX_ANSWER:
+            raise FetchFailed("the credential service answered with an oversized body")
+    return bytes(data)
 
 
 def _endpoint(base: URL, path: str) -> URL:
@@ -173,8 +176,11 @@ class MetadataService:
         ) as resp:
             payload = await _read(resp)
             status = resp.status
-        if status == 200 and payload.strip():
-            value = Secret(payload.decode("utf-8", "replace").strip())
+        if status == 200:
+            text = payload.decode("utf-8", "replace").strip()
+            if not text or not header_safe(text):
+                raise FetchFailed("the metadata service answered with an unusable session token")
+            value = Secret(text)
             self._session_token = (value, time.monotonic() + SESSION_TTL - SESSION_RENEW_EARLY)
             return value
         if status in NO_SESSION_TOKENS and not required:
