@@ -204,14 +204,14 @@ CredentialConfig = (
     | StaticTokenCredential
     | TokenFileCredential
     | NoCredential
+    | EcsMetadataCredential
+    | PodIdentityCredential
+    | SdkDefaultCredential
     | ApiKeyCredential
     | AppCodeCredential
     | AkSkCredential
     | AppAkSkCredential
     | AgencyCredential
-    | EcsMetadataCredential
-    | PodIdentityCredential
-    | SdkDefaultCredential
 )
 # Types whose credential yields an IAM token, so an agency may use it as ``via``.
 TOKEN_CREDENTIAL_TYPES = ("iam_password", "agency", "token")
