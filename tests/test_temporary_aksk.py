@@ -735,3 +735,25 @@ def test_defaults_and_the_environment_read_once_at_load() -> None:
     assert str(sdk.profile_file) == "/home/u/.huaweicloud/credentials"
     assert sdk.pod_identity is not None and str(sdk.pod_identity.token_file) == "/var/run/token"
     assert "SK" not in repr(sdk)
+
+
+def test_plain_http_key_services_off_this_machine_are_warned_about() -> None:
+    from gateway.config.load import parse_settings
+    from gateway.config.risks import start_up_risks
+
+    config = {
+        "credentials": {
+            "md": {"type": "ecs_metadata"},  # 169.254.169.254: link-local, no warning
+            "far": {"type": "ecs_metadata", "metadata_url": "http://10.1.2.3"},
+            "pod": {"type": "pod_identity", "uri": "http://pods.example/c", "token_file": "/t"},
+            "near": {"type": "pod_identity", "uri": "http://169.254.170.2/c", "token_file": "/t"},
+            "local": {"type": "sdk_default", "metadata_url": "http://127.0.0.1:1"},
+        },
+        "routes": [{"name": "r", "upstream": "http://127.0.0.1:1", "credential": "md"}],
+    }
+    risks = start_up_risks(parse_settings(config, {}))
+    assert [r.split(" ", 1)[0] for r in risks] == [
+        "credentials.far.metadata_url",
+        "credentials.pod.uri",
+    ]
+    assert "temporary AK/SK cross the network unencrypted" in risks[0]
