@@ -28,6 +28,7 @@ from gateway.config.model import (
     Settings,
     StaticTokenCredential,
     TokenFileCredential,
+    WorkloadIdentityCredential,
 )
 from gateway.credentials import TokenSource, build_credentials
 from gateway.credentials.key_services import TemporaryKeys
@@ -40,10 +41,11 @@ TOKEN_CONFIGS = (
     AgencyCredential,
     StaticTokenCredential,
     TokenFileCredential,
+    WorkloadIdentityCredential,
 )
 # Temporary AK/SK sources: the command shows where the keys came from and when they expire.
 KEY_CONFIGS = (EcsMetadataCredential, PodIdentityCredential, SdkDefaultCredential)
-KINDS = "iam_password, agency, token, ecs_metadata, pod_identity and sdk_default"
+KINDS = "iam_password, agency, token, workload_identity, ecs_metadata, pod_identity and sdk_default"
 
 
 def token_credentials(credentials: Mapping[str, CredentialConfig]) -> list[str]:

@@ -23,6 +23,7 @@ from gateway.config.model import (
     SdkDefaultCredential,
     StaticTokenCredential,
     TokenFileCredential,
+    WorkloadIdentityCredential,
 )
 from gateway.credentials import temporary_aksk
 from gateway.credentials.aksk import Signer
@@ -30,6 +31,7 @@ from gateway.credentials.base import Credential, Outgoing, TokenSource
 from gateway.credentials.iam import Agency, IamPassword
 from gateway.credentials.static import ApiKey, AppCode, NoAuth, StaticToken, TokenFile
 from gateway.credentials.token_cache import RefreshListener
+from gateway.credentials.workload_identity import WorkloadIdentity
 
 __all__ = ["Credential", "Outgoing", "TokenSource", "build_credential", "build_credentials"]
 
@@ -61,6 +63,8 @@ def build_credential(
             return Signer(cfg.name, cfg.ak, cfg.sk, cfg.security_token)
         case AppAkSkCredential():
             return Signer(cfg.name, cfg.app_key, cfg.app_secret)
+        case WorkloadIdentityCredential():
+            return WorkloadIdentity(cfg, session, on_refresh)
         case NoCredential():
             return NoAuth(cfg.name)
         case EcsMetadataCredential():
