@@ -393,6 +393,38 @@ async def test_keys_already_due_do_not_make_every_request_fetch(
     assert platform.metadata.calls == 1
 
 
+async def test_a_margin_longer_than_the_services_rotation_lead_waits_for_the_new_keys(
+    cloud: FakeCloud,
+    platform: Platform,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """ECS replaces its keys 10 min before they expire: a 15 min margin asks too early, gets the
+    same keys back, and asks again only every 30 s until the new ones appear."""
+    gw = await make_gateway(use(metadata_cred(platform, refresh_margin="15m")))
+    assert (await chat(http, gw))[0] == 200
+    first = platform.issuer.issued[-1]
+    cache = credential_of(gw).cache
+    results: asyncio.Queue[str] = asyncio.Queue()
+    cache._on_refresh = lambda name, result, expires_at: results.put_nowait(result)
+    shift_clock(gw, 3600 - 800)  # the gateway is inside its margin, the service not yet rotating
+    assert (await chat(http, gw))[0] == 200
+    assert await asyncio.wait_for(results.get(), 5) == "ok"
+    for _ in range(5):
+        assert (await chat(http, gw))[0] == 200
+    assert platform.metadata.calls == 2  # the same keys came back: no fetch per request
+    assert platform.issuer.issued == [first]
+    platform.issuer.clock = lambda: time.time() + 3600 - 550  # the service has rotated
+    cache._refresh_after = 0.0  # 30 s later
+    assert (await chat(http, gw))[0] == 200
+    assert await asyncio.wait_for(results.get(), 5) == "ok"
+    second = platform.issuer.issued[-1]
+    assert second.access != first.access
+    platform.issuer.revoke(first)
+    assert (await chat(http, gw))[0] == 200
+    assert access_keys_seen(cloud)[-1] == second.access
+
+
 async def test_keys_already_expired_are_a_failure_with_back_off(
     platform: Platform, make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:

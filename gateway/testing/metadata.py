@@ -11,7 +11,8 @@ expects, and the ECS "Obtaining Metadata" page:
   answers ``{"credential": {"access", "secret", "securitytoken", "expires_at"}}``, the time as
   ``%Y-%m-%dT%H:%M:%S.%fZ`` (the only format the SDK parses); a missing or stale session token
   is a 401, and a server with no agency bound is a 401 saying "Please configure Cloud Service
-  Agency first" (the text the SDK looks for).
+  Agency first" (the text the SDK looks for). Keys live one hour and are replaced 10 minutes
+  before they expire; both are valid in between (ECS "Obtaining Metadata", Security Key).
 - Pod identity: ``POST {uri}`` with body ``{}`` and ``Authorization: <the pod's token>``
   answers the same credential object; a wrong token is a 401.
 
@@ -93,7 +94,10 @@ class _Scripted:
         self.delay = 0.0
         self.calls = 0  # credential requests (not session-token PUTs)
         self.current: IssuedKeys | None = None
-        self.reuse = True  # hand out the same keys until they near expiry, as the services do
+        # ECS "Obtaining Metadata" (Security Key): keys live one hour and are replaced 10 minutes
+        # before they expire; until then every request gets the same keys
+        self.reuse = True
+        self.rotate_before = 600.0
         self.requests: list[web.Request] = []
 
     async def _keys_answer(self) -> web.Response:
@@ -104,7 +108,8 @@ class _Scripted:
             status = self.failures.pop(0)
             return web.json_response({"error": "scripted failure"}, status=status)
         current = self.current
-        if current is None or not self.reuse or current.expires_at - self.issuer.clock() < 60:
+        due = current is not None and current.expires_at - self.issuer.clock() <= self.rotate_before
+        if current is None or not self.reuse or due:
             current = self.current = self.issuer.issue()
         return web.json_response(self.issuer.answer(current))
 
