@@ -185,10 +185,12 @@ async def test_sdk_and_gateway_both_fail_when_no_agency_is_bound(
 # --- pod identity --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("metadata_shape", [False, True])
 async def test_sdk_pod_identity_accessor_gets_the_keys_the_gateway_gets_with_the_same_request(
-    platform: Platform, session: aiohttp.ClientSession, token_file: Path
+    platform: Platform, session: aiohttp.ClientSession, token_file: Path, metadata_shape: bool
 ) -> None:
     pod = platform.pod_identity
+    pod.metadata_shape = metadata_shape
     uri = platform.pod_identity_url
     ours = await PodIdentityService(URL(uri), token_file, session).fetch()
     sdk = await asyncio.to_thread(PodIdentityAccessor(uri, str(token_file)).get_credential)

@@ -209,7 +209,9 @@ async def test_no_agency_bound_is_a_clear_502_and_readyz_says_why(
 # --- pod_identity --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("stream", "metadata_shape"), [(False, False), (True, False), (False, True)]
+)
 async def test_pod_identity_posts_the_pod_token_and_signs_with_its_keys(
     cloud: FakeCloud,
     platform: Platform,
@@ -218,7 +220,9 @@ async def test_pod_identity_posts_the_pod_token_and_signs_with_its_keys(
     token_file: Path,
     captured_logs: pytest.LogCaptureFixture,
     stream: bool,
+    metadata_shape: bool,
 ) -> None:
+    platform.pod_identity.metadata_shape = metadata_shape
     gw = await make_gateway(use(pod_cred(platform, token_file)))
     status, body = await chat(http, gw, stream=stream)
     assert status == 200, body

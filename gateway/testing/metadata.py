@@ -13,8 +13,12 @@ expects, and the ECS "Obtaining Metadata" page:
   is a 401, and a server with no agency bound is a 401 saying "Please configure Cloud Service
   Agency first" (the text the SDK looks for). Keys live one hour and are replaced 10 minutes
   before they expire; both are valid in between (ECS "Obtaining Metadata", Security Key).
-- Pod identity: ``POST {uri}`` with body ``{}`` and ``Authorization: <the pod's token>``
-  answers the same credential object; a wrong token is a 401.
+- Pod identity: ``POST {uri}`` with body ``{}`` and ``Authorization: <the pod's token>``; the
+  answer, as the SDK's own tests (huaweicloud-sdk-python-v3 ``test_credentials.py``) have it:
+  ``{"assumedAgency", "audience", "credentials": {"accessKeyId", "secretAccessKey",
+  "securityToken", "expiration"}, "podIdentityAssociationId", "subject"}`` at ``/v1/credentials``;
+  ``metadata_shape`` answers the metadata service's object instead (the issue describes that);
+  the SDK and the gateway read both. A wrong token is a 401.
 
 Each fake hands out fresh keys per :class:`KeyIssuer`, which registers them with the services
 that must accept them (a FakeModelArts' ``aksk`` and ``security_tokens``) and can revoke them.
@@ -73,7 +77,7 @@ class KeyIssuer:
             service.aksk.pop(keys.access, None)
             service.security_tokens.pop(keys.access, None)
 
-    def answer(self, keys: IssuedKeys) -> dict[str, dict[str, str]]:
+    def answer(self, keys: IssuedKeys) -> dict[str, object]:
         expires = datetime.fromtimestamp(keys.expires_at, UTC).strftime(EXPIRY_FORMAT)
         return {
             "credential": {
@@ -100,6 +104,9 @@ class _Scripted:
         self.rotate_before = 600.0
         self.requests: list[web.Request] = []
 
+    def _shape(self, keys: IssuedKeys) -> dict[str, object]:
+        return self.issuer.answer(keys)
+
     async def _keys_answer(self) -> web.Response:
         self.calls += 1
         if self.delay:
@@ -111,7 +118,7 @@ class _Scripted:
         due = current is not None and current.expires_at - self.issuer.clock() <= self.rotate_before
         if current is None or not self.reuse or due:
             current = self.current = self.issuer.issue()
-        return web.json_response(self.issuer.answer(current))
+        return web.json_response(self._shape(current))
 
 
 class FakeMetadata(_Scripted):
@@ -157,14 +164,32 @@ class FakeMetadata(_Scripted):
 class FakePodIdentity(_Scripted):
     """CCE pod identity's agent: accepts ``Authorization`` equal to ``token``."""
 
-    PATH = "/v1/credential"
+    PATH = "/v1/credentials"
 
     def __init__(self, issuer: KeyIssuer, token: str) -> None:
         super().__init__(issuer)
         self.token = token
+        self.metadata_shape = False
         self.bodies: list[bytes] = []
         self.app = web.Application()
         self.app.router.add_post(self.PATH, self._credential)
+
+    def _shape(self, keys: IssuedKeys) -> dict[str, object]:
+        if self.metadata_shape:
+            return self.issuer.answer(keys)
+        expires = datetime.fromtimestamp(keys.expires_at, UTC).strftime(EXPIRY_FORMAT)
+        return {
+            "assumedAgency": {"urn": "iam::0a1b2c:agency:modelarts", "id": "7c9d"},
+            "audience": "",
+            "credentials": {
+                "accessKeyId": keys.access,
+                "secretAccessKey": keys.secret,
+                "securityToken": keys.security_token,
+                "expiration": expires,
+            },
+            "podIdentityAssociationId": "",
+            "subject": {"namespace": "default", "serviceAccount": "app"},
+        }
 
     async def _credential(self, request: web.Request) -> web.Response:
         self.requests.append(request)
