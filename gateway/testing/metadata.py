@@ -157,7 +157,8 @@ class FakeMetadata(_Scripted):
         if self.session_tokens and request.headers.get("X-Metadata-Token") not in self.valid_tokens:
             return web.Response(status=401, text="Unauthorized")
         if not self.agency:
-            return web.json_response({"error": NO_AGENCY}, status=401)
+            # the body a real server answered, as reported by users who met it
+            return web.Response(status=401, text=f"401 Unauthorized\n{NO_AGENCY}")
         return await self._keys_answer()
 
 
