@@ -325,6 +325,32 @@ async def test_keys_are_refreshed_in_the_background_before_they_expire(
     assert access_keys_seen(cloud)[-1] == second.access
 
 
+async def test_the_old_keys_serve_while_the_source_fails_inside_the_margin(
+    cloud: FakeCloud,
+    platform: Platform,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    gw = await make_gateway(use({**metadata_cred(platform), "refresh_margin": 600}))
+    assert (await chat(http, gw))[0] == 200
+    first = platform.issuer.issued[-1]
+    cache = credential_of(gw).cache
+    results: asyncio.Queue[str] = asyncio.Queue()
+    cache._on_refresh = lambda name, result, expires_at: results.put_nowait(result)
+    platform.metadata.failures = [503] * 10
+    shift_clock(gw, 3600 - 500)  # inside the margin: a refresh starts, and fails
+    assert (await chat(http, gw, stream=True))[0] == 200
+    assert await asyncio.wait_for(results.get(), 5) == "error"
+    for stream in (False, True):  # back-off: no new call, the old keys serve
+        assert (await chat(http, gw, stream=stream))[0] == 200
+    assert set(access_keys_seen(cloud)) == {first.access}
+    assert platform.metadata.calls == 2
+    shift_clock(gw, 3600 - 10)  # past the safety point: no usable keys, the source backed off
+    status, body = await chat(http, gw)
+    assert status == 502
+    assert json.loads(body)["error"]["code"] == "credential_unavailable"
+
+
 async def test_concurrent_requests_share_one_fetch(
     platform: Platform, make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
