@@ -186,6 +186,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # issue 11: SIGHUP and config_watch
+        self.config_reloads = Counter(
+            "gateway_config_reloads",
+            "Config reloads by result: ok (now serving) or error (refused, the old one serves).",
+            ["result"],
+            registry=r,
+        )
 
     def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock and builds a key on

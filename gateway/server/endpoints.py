@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.config.model import ApiKey
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.guard import add_cors
+from gateway.proxy.runtime import Runtime
 from gateway.server.state import GATEWAY, METRICS
 
 _CREATED = int(time.time())
@@ -25,7 +26,8 @@ async def readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     if gw.proxy.draining:
         return web.json_response({"status": "draining"}, status=503)
-    problems = [p for c in gw.credentials.values() if (p := c.ready()) is not None]
+    credentials = gw.proxy.runtime.credentials.values()
+    problems = [p for c in credentials if (p := c.ready()) is not None]
     if problems:
         return web.json_response({"status": "not ready", "problems": problems}, status=503)
     return web.json_response({"status": "ready"})
@@ -42,12 +44,17 @@ async def models(request: web.Request) -> web.StreamResponse:
     """``GET /v1/models`` in the OpenAI list format, from the routes' ``models``.
 
     A client call like any other, through the proxy's guard, access log and metrics (route ``-``).
+    When the config lists no models it is proxied like any other path (a reload may add some).
     """
     return await request.app[GATEWAY].proxy.serve(request, _model_list)
 
 
-async def _model_list(request: web.Request, ex: Exchange, key: ApiKey | None) -> web.Response:
-    names = request.app[GATEWAY].proxy.router.models()
+async def _model_list(
+    request: web.Request, ex: Exchange, key: ApiKey | None, rt: Runtime
+) -> web.StreamResponse:
+    names = rt.router.models()
+    if not names:
+        return await request.app[GATEWAY].proxy.proxy(request, ex, key, rt)
     if key is not None and key.models is not None:
         names = [m for m in names if m in key.models]
     body = {
