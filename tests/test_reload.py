@@ -342,3 +342,80 @@ async def test_config_watch_applies_a_configmap_update_while_a_stream_finishes_u
 
     await reload_during_a_stream(gw, cloud, gated, reload, "config_watch")
     assert gw.log.count("config reloaded") == 1
+
+
+async def test_invalid_reload_is_refused_whole_every_problem_logged_and_the_old_config_serves(
+    cloud: FakeCloud, gated: Gated, spawn: Spawn
+) -> None:
+    config = team_config(cloud, gated.url)
+    gw = await spawn(config)
+    log = gw.log
+    short = "sk-short-9"
+    bad = next_config(config)  # bob's key would be valid, but the whole config is refused
+    bad["listen"]["api_keys"].append({"name": "dave", "key": short})
+    bad["routes"][1]["max_concurrency"] = 0
+    bad["routes"][0]["timeouts"]["idle"] = "soon"
+    async with aiohttp.ClientSession() as http:
+        configmap_write(gw.path.parent, bad)
+        gw.hup()
+        await log.wait("config reload (SIGHUP) refused, the running config stays: 3 problem(s)")
+        await log.wait("config reload: listen.api_keys[2].key: is shorter than 20 characters")
+        await log.wait("config reload: routes[1].max_concurrency: must be >= 1")
+        await log.wait("config reload: routes[0].timeouts.idle: expected a duration")
+        assert await call(http, gw.url, CAROL) == 200, "the old keys still work"
+        assert await call(http, gw.url, BOB) == 401, "nothing of the refused config applied"
+        assert await metric(http, gw.url, "gateway_config_reloads_total", result="error") == 1
+
+        gw.path.parent.joinpath("..data", "config.yaml").unlink()
+        (gw.path.parent / "..data" / "config.yaml").write_text("listen: [unclosed", "utf-8")
+        gw.hup()
+        await log.wait("config reload (SIGHUP) refused", count=2)
+        await log.wait("not valid YAML (line 1")
+        assert await call(http, gw.url, CAROL) == 200
+        assert await metric(http, gw.url, "gateway_config_reloads_total", result="error") == 2
+
+        configmap_write(gw.path.parent, next_config(config))  # fixed: now it applies
+        gw.hup()
+        await log.wait("config reloaded (SIGHUP)")
+        assert await call(http, gw.url, BOB) == 200
+        assert await call(http, gw.url, CAROL) == 401
+        assert await metric(http, gw.url, "gateway_config_reloads_total", result="ok") == 1
+        assert await metric(http, gw.url, "gateway_config_reloads_total", result="error") == 2
+    assert short not in str(log)
+    assert "Traceback" not in str(log)
+
+
+async def test_listen_port_change_is_logged_as_needing_a_restart_and_the_rest_applies(
+    cloud: FakeCloud, gated: Gated, spawn: Spawn
+) -> None:
+    config = team_config(cloud, gated.url)
+    port = config["listen"]["port"]
+    gw = await spawn(config)
+    other = free_port()
+    changed = next_config(config)
+    changed["listen"]["port"] = other
+    changed["listen"]["backlog"] = 16
+    configmap_write(gw.path.parent, changed)
+    gw.hup()
+    line = await gw.log.wait("listen.port changed")
+    assert f"listen.port changed ({port} -> {other}), which needs a restart" in line
+    await gw.log.wait("listen.backlog changed (1024 -> 16), which needs a restart")
+    await gw.log.wait("config reloaded (SIGHUP)")
+    async with aiohttp.ClientSession() as http:
+        assert await call(http, gw.url, BOB) == 200, "the rest of the change applied"
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await call(http, f"http://127.0.0.1:{other}", BOB)
+        assert await metric(http, gw.url, "gateway_config_reloads_total", result="ok") == 1
+
+
+async def test_port_given_on_the_command_line_is_not_a_change_at_reload(
+    cloud: FakeCloud, gated: Gated, spawn: Spawn
+) -> None:
+    config = team_config(cloud, gated.url)  # the file's port is not the one listened on
+    gw = await spawn(config, "--port", str(free_port()))
+    configmap_write(gw.path.parent, next_config(config))
+    gw.hup()
+    await gw.log.wait("config reloaded (SIGHUP)")
+    async with aiohttp.ClientSession() as http:
+        assert await call(http, gw.url, BOB) == 200
+    assert gw.log.count("needs a restart") == 0
