@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,18 @@ import pytest
 import yaml
 from aiohttp import web
 from conftest import (
+    agency,
     free_port,
     start_gateway_process,
     stop_process,
     wait_healthy,
 )
 
+from gateway.config.load import parse_config, read_config
+from gateway.config.model import Settings
+from gateway.server.app import build_app, make_runner
+from gateway.server.reload import ConfigSource, Reloader, digest
+from gateway.server.state import GATEWAY
 from gateway.testing import FakeCloud, serve_on_loopback
 
 WAIT = 10.0  # bound on anything that must happen (a log line, a reload, the stream's end)
@@ -419,3 +426,227 @@ async def test_port_given_on_the_command_line_is_not_a_change_at_reload(
     async with aiohttp.ClientSession() as http:
         assert await call(http, gw.url, BOB) == 200
     assert gw.log.count("needs a restart") == 0
+
+
+# --- in process: the same reloader, driven directly -------------------------------------------
+
+
+class Records(logging.Handler):
+    """``gateway.reload`` log lines as they are emitted; ``wait`` awaits one (no polling)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._new = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        self._new.set()
+
+    async def wait(self, text: str) -> str:
+        async with asyncio.timeout(WAIT):
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
+                self._new.clear()
+                await self._new.wait()
+
+
+@dataclass
+class Live:
+    """An in-process gateway serving from a config file that the test rewrites."""
+
+    url: str
+    app: web.Application
+    path: Path
+    records: Records
+
+    @property
+    def reloader(self) -> Reloader:
+        reloader = self.app[GATEWAY].reloader
+        assert reloader is not None
+        return reloader
+
+    async def reload(self, config: dict[str, Any]) -> bool:
+        configmap_write(self.path.parent, config)
+        return await self.reloader.reload("test")
+
+
+LiveFactory = Callable[..., Awaitable[Live]]
+
+
+@pytest.fixture
+async def live(tmp_path: Path) -> AsyncIterator[LiveFactory]:
+    runners: list[web.AppRunner] = []
+    records = Records()
+    logger = logging.getLogger("gateway.reload")
+    logger.addHandler(records)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+
+    async def factory(
+        config: dict[str, Any], overrides: Callable[[Settings], Settings] | None = None
+    ) -> Live:
+        directory = tmp_path / f"live{len(runners)}"
+        directory.mkdir()
+        configmap_write(directory, config)
+        path = directory / "config.yaml"
+        text = read_config(path)
+        settings = parse_config(text, path, {})
+        source = ConfigSource(path, {}, overrides or (lambda s: s), digest(text))
+        if overrides is not None:
+            settings = overrides(settings)
+        app = build_app(settings, source=source)
+        runner = make_runner(app, shutdown_timeout=0.5)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return Live(f"http://127.0.0.1:{runner.addresses[0][1]}", app, path, records)
+
+    try:
+        yield factory
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        logger.removeHandler(records)
+        logger.setLevel(old_level)
+
+
+async def test_concurrency_in_flight_counts_across_a_reload_and_the_new_limit_applies(
+    cloud: FakeCloud, gated: Gated, live: LiveFactory
+) -> None:
+    config = team_config(cloud, gated.url)
+    config["listen"]["api_keys"][0]["max_concurrency"] = 1  # alice
+    gw = await live(config)
+    body = {"model": "m", "stream": True, "messages": []}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(gw.url + "/v1/chat/completions", json=body, headers=bearer(ALICE)) as resp,
+    ):
+        stream = Stream(resp)
+        await stream.until_events(HALF)
+        renamed = json.loads(json.dumps(config))
+        renamed["routes"][0]["max_body"] = "1MiB"  # a change, alice's limit the same
+        assert await gw.reload(renamed)
+        # the stream from before the reload still holds alice's one slot
+        assert await call(http, gw.url, ALICE) == 429
+        assert await call(http, gw.url, CAROL) == 200
+        raised = json.loads(json.dumps(renamed))
+        raised["listen"]["api_keys"][0]["max_concurrency"] = 2
+        assert await gw.reload(raised)
+        assert await call(http, gw.url, ALICE) == 200
+        gated.gate.set()
+        assert await stream.rest() == bytes(gated.sent[0])
+
+
+async def test_routes_and_models_change_with_a_reload(
+    cloud: FakeCloud, gated: Gated, live: LiveFactory
+) -> None:
+    config = team_config(cloud, cloud.service_url)
+    gw = await live(config)
+    async with aiohttp.ClientSession() as http:
+
+        async def models() -> list[str]:
+            async with http.get(gw.url + "/v1/models", headers=bearer(ALICE)) as resp:
+                assert resp.status == 200
+                return [m["id"] for m in (await resp.json())["data"]]
+
+        assert await models() == [cloud.modelarts.model], "no models configured: proxied"
+        changed = json.loads(json.dumps(config))
+        changed["routes"][0]["models"] = ["alpha", "beta"]
+        del changed["routes"][1]  # /v2 goes
+        changed["credentials"].pop("side")
+        assert await gw.reload(changed)
+        assert await models() == ["alpha", "beta"]
+        assert await call(http, gw.url, ALICE, "/v2") == 404
+        line = await gw.records.wait("config reloaded (test)")
+        assert "routes: -side ~chat" in line and "dropped side" in line, line
+    assert gw.app[GATEWAY].credentials.keys() == {"main"}
+
+
+async def test_agency_is_kept_with_its_via_and_rebuilt_when_the_via_changes(
+    cloud: FakeCloud, live: LiveFactory
+) -> None:
+    config = team_config(cloud, cloud.service_url)
+    config["credentials"]["side"] = agency(cloud, via="main")
+    config["routes"] = config["routes"][:1]
+    config["routes"][0]["credential"] = "side"  # the agency serves; main is only its via
+    gw = await live(config)
+
+    def methods() -> list[str]:
+        return sorted(m for r in cloud.iam.requests for m in r["auth"]["identity"]["methods"])
+
+    async with aiohttp.ClientSession() as http:
+        assert await call(http, gw.url, ALICE) == 200
+        assert methods() == ["assume_role", "password"]
+        same = json.loads(json.dumps(config))
+        same["listen"]["api_keys"].append({"name": "bob", "key": BOB})
+        assert await gw.reload(same)
+        assert await call(http, gw.url, BOB) == 200
+        assert methods() == ["assume_role", "password"], "both kept: no IAM call"
+
+        via_changed = json.loads(json.dumps(same))
+        via_changed["credentials"]["main"]["refresh_margin"] = "2m"
+        assert await gw.reload(via_changed)
+        assert await call(http, gw.url, BOB) == 200
+        assert methods() == ["assume_role"] * 2 + ["password"] * 2, "the agency follows its via"
+        line = await gw.records.wait("new main side")
+        assert "credentials: new main side; dropped main side" in line, line
+
+
+async def test_reload_that_would_expose_the_real_listener_without_keys_is_refused(
+    cloud: FakeCloud, live: LiveFactory
+) -> None:
+    config = team_config(cloud, cloud.service_url)
+
+    def wildcard(settings: Settings) -> Settings:  # as `serve --host 0.0.0.0` does
+        return replace(settings, listen=replace(settings.listen, host="0.0.0.0"))
+
+    gw = await live(config, wildcard)
+    open_config = json.loads(json.dumps(config))
+    del open_config["listen"]["api_keys"]
+    assert not await gw.reload(open_config)
+    line = await gw.records.wait("config reload: listen.host: '0.0.0.0' is reachable")
+    assert "listen.api_keys is empty" in line
+    async with aiohttp.ClientSession() as http:
+        assert await call(http, gw.url, ALICE) == 200
+        async with http.post(gw.url + "/v1/chat/completions", json={}) as resp:
+            assert resp.status == 401, "keys are still required"
+
+
+async def test_a_reload_can_turn_config_watch_on(cloud: FakeCloud, live: LiveFactory) -> None:
+    config = team_config(cloud, cloud.service_url)  # config_watch: off
+    gw = await live(config)
+    watched = {**json.loads(json.dumps(config)), "config_watch": "20ms"}
+    assert await gw.reload(watched)
+    configmap_write(gw.path.parent, next_config(watched))  # no reload() call: the watch sees it
+    await gw.records.wait("config reloaded (config_watch)")
+    async with aiohttp.ClientSession() as http:
+        assert await call(http, gw.url, BOB) == 200
+        assert await call(http, gw.url, CAROL) == 401
+
+
+async def test_shutdown_grace_from_a_reload_applies_to_the_next_stop(
+    cloud: FakeCloud, gated: Gated, spawn: Spawn
+) -> None:
+    config = team_config(cloud, gated.url)
+    config["listen"]["shutdown_grace"] = "60s"
+    gw = await spawn(config)
+    shorter = json.loads(json.dumps(config))
+    shorter["listen"]["shutdown_grace"] = "200ms"
+    configmap_write(gw.path.parent, shorter)
+    gw.hup()
+    await gw.log.wait("config reloaded (SIGHUP)")
+    body = {"model": "m", "stream": True, "messages": []}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(gw.url + "/v1/chat/completions", json=body, headers=bearer(ALICE)) as resp,
+    ):
+        stream = Stream(resp)
+        await stream.until_events(HALF)
+        gw.proc.send_signal(signal.SIGTERM)  # the gate stays shut: only the grace ends it
+        received = await stream.rest()
+    assert b'"code": "shutdown"' in received.rsplit(b"\n\n", 2)[-2]
+    assert await asyncio.wait_for(gw.proc.wait(), WAIT) == 0
