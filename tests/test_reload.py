@@ -32,7 +32,7 @@ from conftest import (
     wait_healthy,
 )
 
-from gateway.config.load import parse_config, read_config
+from gateway.config.load import ConfigError, parse_config, parse_settings, read_config
 from gateway.config.model import Settings
 from gateway.server.app import build_app, make_runner
 from gateway.server.reload import ConfigSource, Reloader, digest
@@ -650,3 +650,26 @@ async def test_shutdown_grace_from_a_reload_applies_to_the_next_stop(
         received = await stream.rest()
     assert b'"code": "shutdown"' in received.rsplit(b"\n\n", 2)[-2]
     assert await asyncio.wait_for(gw.proc.wait(), WAIT) == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (-5, "config_watch: must not be negative"),
+        ("soon", "config_watch: expected a duration"),
+        (True, "config_watch: expected a duration"),
+    ],
+)
+def test_bad_config_watch_is_a_config_error_naming_the_key(value: object, problem: str) -> None:
+    config = {"config_watch": value, "credentials": {"c": {"type": "none"}}}
+    config["routes"] = [{"name": "r", "upstream": "http://127.0.0.1:1", "credential": "c"}]
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(config, {})
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+def test_config_watch_takes_a_duration_and_defaults_to_off() -> None:
+    config: dict[str, Any] = {"credentials": {"c": {"type": "none"}}}
+    config["routes"] = [{"name": "r", "upstream": "http://127.0.0.1:1", "credential": "c"}]
+    assert parse_settings(config, {}).config_watch == 0
+    assert parse_settings({**config, "config_watch": "10s"}, {}).config_watch == 10.0
