@@ -444,13 +444,16 @@ class Records(logging.Handler):
         self._new.set()
 
     async def wait(self, text: str) -> str:
-        async with asyncio.timeout(WAIT):
-            while True:
-                for line in self.lines:
-                    if text in line:
-                        return line
-                self._new.clear()
-                await self._new.wait()
+        try:
+            async with asyncio.timeout(WAIT):
+                while True:
+                    for line in self.lines:
+                        if text in line:
+                            return line
+                    self._new.clear()
+                    await self._new.wait()
+        except TimeoutError:
+            raise AssertionError(f"no log line with {text!r}: {self.lines}") from None
 
 
 @dataclass
@@ -673,3 +676,30 @@ def test_config_watch_takes_a_duration_and_defaults_to_off() -> None:
     config["routes"] = [{"name": "r", "upstream": "http://127.0.0.1:1", "credential": "c"}]
     assert parse_settings(config, {}).config_watch == 0
     assert parse_settings({**config, "config_watch": "10s"}, {}).config_watch == 10.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("host", "127.0.0.2"),
+        ("port", 1),
+        ("backlog", 16),
+        ("header_timeout", 7),
+        ("keepalive_timeout", 7),
+        ("max_connections", 7),
+    ],
+)
+async def test_each_start_bound_listen_key_is_logged_as_needing_a_restart_and_kept(
+    cloud: FakeCloud, live: LiveFactory, name: str, value: object
+) -> None:
+    config = team_config(cloud, cloud.service_url)
+    gw = await live(config)
+    before = getattr(gw.app[GATEWAY].settings.listen, name)
+    changed = next_config(config)
+    changed["listen"][name] = value
+    assert await gw.reload(changed)
+    shown = f"{before:g}" if isinstance(before, float) else before
+    await gw.records.wait(f"listen.{name} changed ({shown} -> {value}), which needs a restart")
+    settings = gw.app[GATEWAY].settings
+    assert getattr(settings.listen, name) == before, "the running value stays"
+    assert [k.name for k in settings.listen.api_keys] == ["alice", "bob"], "the rest applied"

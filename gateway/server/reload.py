@@ -129,9 +129,9 @@ class Reloader:
                     "config reload: listen.%s changed (%s -> %s), which needs a restart;"
                     " it stays %s until then",
                     name,
-                    before,
-                    after,
-                    before,
+                    _shown(before),
+                    _shown(after),
+                    _shown(before),
                 )
                 kept[name] = before
         if kept:
@@ -166,6 +166,11 @@ class Reloader:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _shown(value: object) -> str:
+    """A listen value as config writes it (30, not 30.0)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _summary(old: Settings, new: Settings, installed: Installed) -> str:
