@@ -703,3 +703,42 @@ async def test_each_start_bound_listen_key_is_logged_as_needing_a_restart_and_ke
     settings = gw.app[GATEWAY].settings
     assert getattr(settings.listen, name) == before, "the running value stays"
     assert [k.name for k in settings.listen.api_keys] == ["alice", "bob"], "the rest applied"
+
+
+async def test_listen_keys_read_per_request_apply_at_once(
+    cloud: FakeCloud, live: LiveFactory
+) -> None:
+    config = team_config(cloud, cloud.service_url)
+    gw = await live(config)
+    origin = "https://app.example"
+    headers = {**bearer(ALICE), "Origin": origin, "X-Padding": "x" * 2000}
+    body = {"model": "m", "stream": False, "messages": []}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gw.url + "/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status == 403, "a foreign origin, before the reload"
+        changed = json.loads(json.dumps(config))
+        changed["listen"]["allowed_origins"] = [origin]
+        assert await gw.reload(changed)
+        async with http.post(gw.url + "/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status == 200
+            assert r.headers["Access-Control-Allow-Origin"] == origin
+        changed["listen"]["max_header_bytes"] = "1KiB"
+        assert await gw.reload(changed)
+        async with http.post(gw.url + "/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status == 431
+
+
+def test_readme_reload_example_is_a_valid_config() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Reloading the config", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    env = {
+        "CI_BOT_KEY": "sk-ci-bot-0123456789abcdef",
+        "HWC_DOMAIN": "d",
+        "HWC_USER": "u",
+        "HWC_PASSWORD": "p",
+        "MODELARTS_SERVICE_URL": "https://example.invalid/v1/infers/x",
+    }
+    settings = parse_settings(yaml.safe_load(example), env)
+    assert settings.config_watch == 10.0
+    assert [k.name for k in settings.listen.api_keys] == ["alice", "ci-bot"]
