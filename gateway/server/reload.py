@@ -112,6 +112,10 @@ class Reloader:
                 for problem in exc.problems:
                     log.error("config reload: %s", problem)
                 return False
+            except Exception:  # a bug must not kill the watch, nor leave a half-applied config
+                self.metrics.config_reloads.labels("error").inc()
+                log.exception("config reload (%s) failed, the running config stays", why)
+                return False
             self.metrics.config_reloads.labels("ok").inc()
             summary = _summary(running, self.runtimes.current.settings, installed)
             log.info("config reloaded (%s): %s", why, summary)

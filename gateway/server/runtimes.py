@@ -108,7 +108,11 @@ class Runtimes:
             if key in live:
                 continue
             del self._open[key]
-            await credential.close()
+            try:
+                await credential.close()
+            except Exception:  # the new config serves already: closing the old is best effort
+                log.exception("credential %r: closing the old instance failed", credential.name)
+                continue
             log.info("credential %r: old instance closed (changed or removed)", credential.name)
             if credential.name not in self.current.credentials:
                 with contextlib.suppress(KeyError):  # no token was ever fetched
