@@ -30,15 +30,16 @@ log = logging.getLogger("gateway.reload")
 
 UNREADABLE = "unreadable"  # the watch's digest while the file cannot be read
 
-# listen.* fields bound when the server starts: the socket (host, port, backlog) and what the
-# server's connection handling was built with (gateway/_aiohttp.py's GatewayRunner).
-RESTART_FIELDS = (
-    "host",
-    "port",
-    "backlog",
-    "header_timeout",
-    "keepalive_timeout",
-    "max_connections",
+# Settings bound when the server starts, by dotted key: the socket (host, port, backlog) and
+# what the server's connection handling was built with (gateway/_aiohttp.py's GatewayRunner).
+# A change to one is logged and keeps the running value; the rest of the new config applies.
+RESTART_KEYS = (
+    "listen.host",
+    "listen.port",
+    "listen.backlog",
+    "listen.header_timeout",
+    "listen.keepalive_timeout",
+    "listen.max_connections",
 )
 
 
@@ -125,21 +126,18 @@ class Reloader:
     async def _apply(self, text: str) -> Installed:
         running = self.runtimes.current.settings
         new = self.source.overrides(parse_config(text, self.source.path, self.source.environ))
-        kept: dict[str, Any] = {}
-        for name in RESTART_FIELDS:
-            before, after = getattr(running.listen, name), getattr(new.listen, name)
+        for key in RESTART_KEYS:
+            before, after = _get(running, key), _get(new, key)
             if before != after:
                 log.warning(
-                    "config reload: listen.%s changed (%s -> %s), which needs a restart;"
+                    "config reload: %s changed (%s -> %s), which needs a restart;"
                     " it stays %s until then",
-                    name,
+                    key,
                     _shown(before),
                     _shown(after),
                     _shown(before),
                 )
-                kept[name] = before
-        if kept:
-            new = replace(new, listen=replace(new.listen, **kept))
+                new = _put(new, key, before)
         exposure = check_exposure(new.listen)  # the host that really listens, keys now
         if exposure:
             raise ConfigError([exposure])
@@ -170,6 +168,20 @@ class Reloader:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _get(settings: object, key: str) -> Any:
+    """The value at dotted ``key`` (``listen.port``) of the settings."""
+    for name in key.split("."):
+        settings = getattr(settings, name)
+    return settings
+
+
+def _put(settings: Any, key: str, value: object) -> Any:
+    """A copy of the (frozen) settings with dotted ``key`` set to ``value``."""
+    name, _, rest = key.partition(".")
+    inner = _put(getattr(settings, name), rest, value) if rest else value
+    return replace(settings, **{name: inner})
 
 
 def _shown(value: object) -> str:
