@@ -27,9 +27,13 @@ from aiohttp import web
 from conftest import (
     agency,
     free_port,
+    open_raw,
+    read_answer,
+    request_bytes,
     start_gateway_process,
     stop_process,
     wait_healthy,
+    write_raw,
 )
 
 from gateway.config.load import ConfigError, parse_config, parse_settings, read_config
@@ -742,3 +746,31 @@ def test_readme_reload_example_is_a_valid_config() -> None:
     settings = parse_settings(yaml.safe_load(example), env)
     assert settings.config_watch == 10.0
     assert [k.name for k in settings.listen.api_keys] == ["alice", "ci-bot"]
+
+
+async def test_removed_key_is_refused_on_its_next_request_even_on_a_kept_alive_connection(
+    cloud: FakeCloud, live: LiveFactory
+) -> None:
+    config = team_config(cloud, cloud.service_url)
+    gw = await live(config)
+    host = gw.url.removeprefix("http://")
+    body = json.dumps({"model": "m", "stream": False, "messages": []}).encode()
+    request = request_bytes(
+        "POST",
+        "/v1/chat/completions",
+        host,
+        body,
+        {"Authorization": f"Bearer {CAROL}", "Content-Type": "application/json"},
+    )
+    reader, writer = await open_raw(gw.url)
+    try:
+        await write_raw(writer, request)
+        first = await read_answer(reader)
+        assert first is not None and first.status == 200
+        assert await gw.reload(next_config(config))  # carol's key is gone
+        await write_raw(writer, request)  # the same connection, kept alive
+        second = await read_answer(reader)
+        assert second is not None and second.status == 401
+        assert json.loads(second.body)["error"]["code"] == "invalid_api_key"
+    finally:
+        writer.close()
