@@ -27,6 +27,7 @@ ACCESS_FIELDS = (
     "ttfb_ms",
     "bytes",
     "end",
+    "upstream_request_id",  # only when an APIG error was re-shaped
 )
 
 

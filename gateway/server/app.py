@@ -9,16 +9,18 @@ from aiohttp import web
 
 from gateway._aiohttp import GatewayRunner
 from gateway.config.model import LimitsStore, Settings
-from gateway.credentials import Credential, build_credentials
 from gateway.errors import error_body
 from gateway.http1 import UpstreamClient
 from gateway.limits import Store
 from gateway.limits.memory import MemoryStore
 from gateway.metrics import Metrics
 from gateway.proxy import body
+from gateway.proxy.exchange import RequestIds
 from gateway.proxy.handler import Proxy
-from gateway.proxy.routing import Router
+from gateway.proxy.runtime import Runtime
 from gateway.server import endpoints
+from gateway.server.reload import ConfigSource, Reloader
+from gateway.server.runtimes import Runtimes
 from gateway.server.state import GATEWAY, METRICS, SETTINGS, Gateway
 
 __all__ = ["GATEWAY", "METRICS", "build_app", "make_runner"]
@@ -28,26 +30,37 @@ __all__ = ["GATEWAY", "METRICS", "build_app", "make_runner"]
 FINAL_WRITE_GRACE = 2.0
 
 
-def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    """The gateway's routes, its proxy, and the lifetime of what needs the event loop."""
+def build_app(
+    settings: Settings, metrics: Metrics | None = None, source: ConfigSource | None = None
+) -> web.Application:
+    """The gateway's routes, its proxy, and the lifetime of what needs the event loop.
+
+    With ``source`` (the file ``settings`` came from) the config can be reloaded while serving.
+    """
     metrics = metrics if metrics is not None else Metrics()
-    credentials: dict[str, Credential] = {}  # built at start-up: they need the loop's session
     client = UpstreamClient()  # proxied requests go through the lean HTTP/1.1 client
     limits_store = open_limits_store(settings.limits_store)
-    proxy = Proxy(settings, client, credentials, metrics, limits_store)
+    # the credentials are built at start-up (they need the loop's session): until then, none
+    proxy = Proxy(Runtime(settings, {}), client, metrics, limits_store)
+    metrics.watch_pool(lambda: [r.name for r in proxy.runtime.settings.routes], client.sizes)
+    runtimes = Runtimes(proxy, metrics)
+    reloader = Reloader(source, runtimes, metrics) if source is not None else None
 
     app = web.Application(middlewares=[_not_origin_form(proxy.handle)])
     app[SETTINGS] = settings
     app[METRICS] = metrics
-    app[GATEWAY] = Gateway(settings, metrics, credentials, proxy)
-    app.cleanup_ctx.append(_lifetime(settings, metrics, credentials, client, limits_store))
+    app[GATEWAY] = Gateway(metrics, proxy, runtimes, reloader)
+    app.cleanup_ctx.append(_lifetime(settings, runtimes, reloader, client, limits_store))
     app.router.add_get("/healthz", endpoints.healthz)
     app.router.add_get("/readyz", endpoints.readyz)
     app.router.add_get("/metrics", endpoints.metrics)
-    if Router(settings.routes).models():
-        app.router.add_get("/v1/models", endpoints.models)
+    # proxied instead while the config lists no models (a reload may add or remove them)
+    app.router.add_get("/v1/models", endpoints.models)
+    app.router.add_get("/v1/models/{id:.+}", endpoints.model)
     # "100 Continue" is the proxy's to send, once the headers cannot get the request refused
-    app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=_expect_later)
+    app.router.add_route(
+        "*", "/{tail:.*}", proxy.handle, expect_handler=_expect_later(proxy.request_id)
+    )
     return app
 
 
@@ -78,24 +91,23 @@ def open_limits_store(config: LimitsStore) -> Store:
 
 def _lifetime(
     settings: Settings,
-    metrics: Metrics,
-    credentials: dict[str, Credential],
+    runtimes: Runtimes,
+    reloader: Reloader | None,
     client: UpstreamClient,
     limits_store: Store,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         # IAM calls (rare) go through aiohttp's client session
         session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        credentials.update(
-            build_credentials(settings.credentials, session, metrics.token_refreshed)
-        )
-        for credential in credentials.values():
-            await credential.start()
+        await runtimes.start(session, settings)
+        if reloader is not None:
+            reloader.start()
         try:
             yield
         finally:
-            for credential in credentials.values():
-                await credential.close()
+            if reloader is not None:
+                await reloader.close()
+            await runtimes.close()
             await client.close()
             await session.close()
             await limits_store.close()
@@ -104,29 +116,41 @@ def _lifetime(
     return lifetime
 
 
-async def _expect_later(request: web.Request) -> web.StreamResponse | None:
-    """Nothing yet for ``Expect: 100-continue`` (see ``limits.read_body``); 417 for any other."""
-    if request.headers.get("Expect", "").strip().lower() == "100-continue":
-        return None
-    response = web.Response(
-        status=417,
-        body=error_body(
-            "only 'Expect: 100-continue' is supported", "invalid_request_error", "bad_expect"
-        ),
-        content_type="application/json",
-    )
-    response.force_close()
-    return response
+def _expect_later(
+    request_id: RequestIds,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        """Nothing yet for ``Expect: 100-continue`` (see ``limits.read_body``); 417 otherwise."""
+        if request.headers.get("Expect", "").strip().lower() == "100-continue":
+            return None
+        response = web.Response(
+            status=417,
+            body=error_body(
+                "only 'Expect: 100-continue' is supported", "invalid_request_error", "bad_expect"
+            ),
+            content_type="application/json",
+            headers={"X-Request-Id": request_id(request)},
+        )
+        response.force_close()
+        return response
+
+    return expect
 
 
-def _malformed(status: int) -> web.Response:
-    """The answer to a request aiohttp could not parse, in the gateway's error shape."""
-    text = "malformed HTTP request" if status < 500 else "internal error"
-    code = "bad_http_request" if status < 500 else "internal_error"
-    type_ = "invalid_request_error" if status < 500 else "server_error"
-    return web.Response(
-        status=status, body=error_body(text, type_, code), content_type="application/json"
-    )
+def _malformed(request_id: RequestIds) -> Callable[[int], web.Response]:
+    def answer(status: int) -> web.Response:
+        """The answer to a request aiohttp could not parse, in the gateway's error shape."""
+        text = "malformed HTTP request" if status < 500 else "internal error"
+        code = "bad_http_request" if status < 500 else "internal_error"
+        type_ = "invalid_request_error" if status < 500 else "server_error"
+        return web.Response(
+            status=status,
+            body=error_body(text, type_, code),
+            content_type="application/json",
+            headers={"X-Request-Id": request_id.fresh()},
+        )
+
+    return answer
 
 
 def make_runner(app: web.Application, shutdown_timeout: float = FINAL_WRITE_GRACE) -> web.AppRunner:
@@ -136,7 +160,7 @@ def make_runner(app: web.Application, shutdown_timeout: float = FINAL_WRITE_GRAC
     return GatewayRunner(
         app,
         header_timeout=listen.header_timeout,
-        error_response=_malformed,
+        error_response=_malformed(app[GATEWAY].proxy.request_id),
         max_connections=listen.max_connections,
         on_refused=app[METRICS].connections_refused.inc,
         keepalive_timeout=listen.keepalive_timeout,
