@@ -25,6 +25,7 @@ from time import monotonic
 from typing import Protocol
 
 from gateway.metrics import ChunkStats
+from gateway.proxy.usage import UsageTap
 
 HEARTBEAT = b": keep-alive\n\n"
 _BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n")
@@ -124,8 +125,10 @@ class Relay:
         deadline: float | None = None,
         heartbeat: float = 0.0,
         on_heartbeat: Callable[[], None] | None = None,
+        tap: UsageTap | None = None,
     ) -> None:
         self._source = source
+        self._tap = tap
         self._sink = sink
         self._sse = sse
         self._stats = stats
@@ -186,13 +189,18 @@ class Relay:
     def at_boundary(self) -> bool:
         return ends_event(self._prev, self._tail)
 
+    @property
+    def last_bytes(self) -> bytes:
+        """The last two chunks sent: where a large JSON answer keeps its ``usage``."""
+        return self._prev + self._tail
+
     # --- the copy --------------------------------------------------------------------------
 
     def _pump(self) -> None:
         """Move every buffered upstream chunk to the client, then wait to be woken again."""
         if self._reason or self._blocked:
             return
-        source, sink, stats = self._source, self._sink, self._stats
+        source, sink, stats, tap = self._source, self._sink, self._stats, self._tap
         while True:
             try:
                 chunk = source.take()
@@ -203,10 +211,14 @@ class Relay:
                 break
             now = monotonic()
             stats.gap(now - self._last)
+            self._last = now
+            if tap is not None and tap.needs(chunk):
+                chunk = tap.feed(chunk)  # usage read; hidden or held back when it is ours
+                if not chunk:
+                    continue
             size = len(chunk)
             stats.bytes += size
             self.bytes += size
-            self._last = now
             self._prev, self._tail = self._tail, chunk
             try:
                 sink.write(chunk)
@@ -218,7 +230,7 @@ class Relay:
                 self._drainer = self._loop.create_task(self._wait_for_client())
                 return
         if source.at_eof():
-            if self._sse and not self.at_boundary:
+            if self._sse and (not self.at_boundary or (tap is not None and tap.pending)):
                 # a body that ends inside an event (a close-delimited one cut by a FIN, or one
                 # whose upstream just stopped there) is reported as the cut it is
                 self._sink.abort()
