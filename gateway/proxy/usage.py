@@ -142,8 +142,8 @@ def event_data(event: bytes) -> object:
 class UsageTap:
     """Watches one SSE body for its usage; with ``usage.hide_event``, edits what goes out.
 
-    The relay calls :meth:`feed` only for a chunk that needs it (see :meth:`needs`), and writes
-    what it returns.
+    The relay calls :meth:`feed` only for a chunk that needs it (:meth:`needs`, which the relay
+    inlines), and writes what it returns.
     """
 
     __slots__ = ("_hide", "pending", "usage")
@@ -155,10 +155,15 @@ class UsageTap:
 
     def needs(self, chunk: bytes) -> bool:
         """False for the common chunk: whole events and no ``"usage"`` in them."""
-        return bool(self.pending) or not chunk.endswith(EVENT_ENDS) or USAGE_KEY in chunk
+        return bool(self.pending) or not chunk.endswith(EVENT_ENDS) or chunk.find(USAGE_KEY) >= 0
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send the client for ``chunk``: ``chunk`` itself, unless hiding."""
+        if not self.pending and chunk.endswith(EVENT_ENDS):
+            # whole events with "usage" in them: parse only if it is an object (OpenAI's
+            # include_usage chunks all carry "usage": null)
+            complete = self._scan(chunk) if _USAGE_OBJECT.search(chunk) else chunk
+            return complete if self._hide else chunk
         data = self.pending + chunk if self.pending else chunk
         cut = _last_end(data, len(data))
         self.pending = data[cut:]
@@ -166,7 +171,7 @@ class UsageTap:
         if len(self.pending) > MAX_PENDING:
             flushed, self.pending = self.pending, b""
         complete = data[:cut]
-        if USAGE_KEY in complete:
+        if complete.find(USAGE_KEY) >= 0:
             complete = self._scan(complete)
         return complete + flushed if self._hide else chunk
 
