@@ -254,7 +254,19 @@ async def test_metric_labels_never_come_from_a_client_path_or_model(
     }
     assert "done" in stream_ends and stream_ends <= set(STREAM_END_REASONS)
     assert seen["result"] <= {"ok", "error", "rejected"}
-    assert set(seen) <= {"route", "status", "reason", "result", "key", "credential"}
+    # issue 11: tokens by the configured model name ("-" on a route without models)
+    assert "-" in seen["model"] and seen["model"] <= {MODEL, "embed-model", "-"}
+    assert seen["kind"] <= {"prompt", "completion"}
+    assert set(seen) <= {
+        "route",
+        "status",
+        "reason",
+        "result",
+        "key",
+        "credential",
+        "model",
+        "kind",
+    }
     assert seen["route"] | seen["key"] | seen["credential"] <= config_names
 
 
