@@ -14,6 +14,11 @@ SSE framing is honoured only at the edges: heartbeats (``: keep-alive``) and the
 ``event: error`` are written only when the bytes relayed so far end on an event boundary (a blank
 line, per the HTML spec's event-stream grammar: CRLF, LF or CR line ends). Inside a half-received
 event the connection is closed instead, so a truncated stream never looks like a clean end.
+
+Every SSE answer is watched for its ``usage`` (gateway/proxy/usage.py) at the cost of one
+``endswith`` and one substring search per chunk; only a chunk that ends inside an event or
+mentions ``"usage"`` goes to the watcher, which may hold back or cut out bytes when the gateway
+itself asked for usage (``include_usage``).
 """
 
 from __future__ import annotations
