@@ -21,6 +21,8 @@ import pytest
 from aiohttp import web
 from conftest import MODEL, GatewayFactory, RunningGateway, chat_body
 
+from gateway.config.load import ConfigError, parse_settings
+from gateway.log import TextFormatter
 from gateway.testing import FakeCloud
 from gateway.testing.common import serve_on_loopback
 
@@ -419,10 +421,30 @@ async def test_usage_metric_series_appear_in_the_metrics_endpoint(
 
 
 def test_access_log_text_line_shows_the_token_fields() -> None:
-    from gateway.log import TextFormatter
-
     record = logging.LogRecord("gateway.access", logging.INFO, "", 0, "access", None, None)
     record.access = {"key": "alice", "prompt_tokens": 3, "completion_tokens": "-"}
     record.request_id = "r1"
     line = TextFormatter().format(record)
     assert line.endswith("key=alice prompt_tokens=3 completion_tokens=-")
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_include_usage_must_be_a_boolean_and_the_message_names_the_key(
+    cloud: FakeCloud, value: object
+) -> None:
+    cfg: dict[str, Any] = {
+        "credentials": {"main": cloud.iam_password_config()},
+        "routes": [
+            {"name": "a", "upstream": cloud.service_url, "credential": "main"},
+            {
+                "name": "b",
+                "path": "/b",
+                "upstream": cloud.service_url,
+                "credential": "main",
+                "include_usage": value,
+            },
+        ],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_settings(cfg, {})
+    assert "routes[1].include_usage: must be true or false" in info.value.problems
