@@ -29,6 +29,7 @@ ACCESS_FIELDS = (
     "end",
     "prompt_tokens",
     "completion_tokens",
+    "upstream_request_id",  # only when an APIG error was re-shaped
 )
 
 

@@ -63,6 +63,7 @@ ISSUE_METRICS = {
     "gateway_token_expiry_timestamp_seconds": "gateway_token_expiry_timestamp_seconds",
     "gateway_rejected_total": "gateway_rejected_total",
     "gateway_key_requests_total": "gateway_key_requests_total",
+    "gateway_upstream_connections": "gateway_upstream_connections",  # issue 9
 }
 
 ACCESS_KEYS = (
@@ -257,16 +258,9 @@ async def test_metric_labels_never_come_from_a_client_path_or_model(
     # issue 11: tokens by the configured model name ("-" on a route without models)
     assert "-" in seen["model"] and seen["model"] <= {MODEL, "embed-model", "-"}
     assert seen["kind"] <= {"prompt", "completion"}
-    assert set(seen) <= {
-        "route",
-        "status",
-        "reason",
-        "result",
-        "key",
-        "credential",
-        "model",
-        "kind",
-    }
+    assert seen["state"] <= {"idle", "active"}
+    labels = {"route", "status", "reason", "result", "key", "credential", "state", "model", "kind"}
+    assert set(seen) <= labels
     assert seen["route"] | seen["key"] | seen["credential"] <= config_names
 
 

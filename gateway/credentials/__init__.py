@@ -16,12 +16,16 @@ from gateway.config.model import (
     AppAkSkCredential,
     AppCodeCredential,
     CredentialConfig,
+    EcsMetadataCredential,
     IamPasswordCredential,
     NoCredential,
+    PodIdentityCredential,
+    SdkDefaultCredential,
     StaticTokenCredential,
     TokenFileCredential,
     WorkloadIdentityCredential,
 )
+from gateway.credentials import temporary_aksk
 from gateway.credentials.aksk import Signer
 from gateway.credentials.base import Credential, Outgoing, TokenSource
 from gateway.credentials.iam import Agency, IamPassword
@@ -63,6 +67,12 @@ def build_credential(
             return WorkloadIdentity(cfg, session, on_refresh)
         case NoCredential():
             return NoAuth(cfg.name)
+        case EcsMetadataCredential():
+            return temporary_aksk.ecs_metadata(cfg, session, on_refresh)
+        case PodIdentityCredential():
+            return temporary_aksk.pod_identity(cfg, session, on_refresh)
+        case SdkDefaultCredential():
+            return temporary_aksk.sdk_default(cfg, session, on_refresh)
     raise TypeError(f"unsupported credential config {type(cfg).__name__}")
 
 

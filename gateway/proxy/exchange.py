@@ -37,6 +37,10 @@ class RequestIds:
         self._prefix = secrets.token_hex(8)
         self._next = itertools.count(1).__next__
 
+    def fresh(self) -> str:
+        """A new id, for an answer to a request that could not be parsed."""
+        return f"{self._prefix}{self._next():016x}"
+
     def __call__(self, request: web.Request) -> str:
         """The client's X-Request-Id when it is a sane token, else a fresh one."""
         given = request.headers.get("X-Request-Id")
@@ -47,7 +51,7 @@ class RequestIds:
 
 def error_response(err: GatewayError, rid: str) -> web.Response:
     headers = {"X-Request-Id": rid}
-    if err.status == 429:
+    if err.status in (429, 503):  # over a limit, draining, buffers full: soon, maybe elsewhere
         headers["Retry-After"] = "1"
     elif isinstance(err, MethodNotAllowed):
         headers["Allow"] = err.allow
@@ -77,6 +81,7 @@ class Exchange:
     end: str = "-"
     cors_origin: str | None = None
     close: bool = False  # close the connection after this answer
+    upstream_request_id: str | None = None  # APIG's, from a re-shaped error
 
 
 def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> None:
@@ -109,4 +114,5 @@ def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> 
         end=ex.end,
         prompt_tokens="-" if usage.prompt is None else usage.prompt,
         completion_tokens="-" if usage.completion is None else usage.completion,
+        **({"upstream_request_id": ex.upstream_request_id} if ex.upstream_request_id else {}),
     )

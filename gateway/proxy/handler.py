@@ -156,7 +156,9 @@ class Proxy:
             raise
         if ex.cors_origin and request.method == "OPTIONS":
             ex.status = 204
-            return preflight(ex.cors_origin, request)
+            response = preflight(ex.cors_origin, request)
+            response.headers["X-Request-Id"] = ex.rid
+            return response
         if key is not None:
             ex.key = key.name
         return await answer(request, ex, key)
@@ -214,8 +216,13 @@ class Proxy:
             ex.route = group.routes[0].name
         body = await self._body(request, max(r.max_body for r in group.routes), ex, held)
         info = await sniff(body)
-        info.raise_error()
         model = info.model
+        if info.error is not None:
+            # a body that is not JSON goes to the path's default route, unless a key's allowlist
+            # must read its model (then it stays a 400, as does an ambiguous or non-string model)
+            if info.error[0] != "invalid_json" or restricted or group.default is None:
+                info.raise_error()
+            model = None
         if key is not None and key.models is not None and model not in key.models:
             raise Forbidden(
                 f"API key {key.name!r} may not use this model", code="model_not_allowed"
