@@ -203,3 +203,17 @@ def test_an_alias_parses_into_public_names_and_an_upstream_map(cloud: FakeCloud)
     route = parse_settings(cfg, {}).routes[0]
     assert route.models == (MODEL, PUBLIC, "big")
     assert route.upstream_models == {PUBLIC: MODEL, "big": "qwen2-72b"}
+
+
+async def test_models_retrieve_knows_the_public_name_and_not_the_hidden_upstream_one(
+    recording: RecordingUpstream, make_gateway: GatewayFactory
+) -> None:
+    gw = await make_gateway(aliased(recording.url))
+    async with openai.AsyncOpenAI(
+        base_url=gw.url + "/v1", api_key=ALICE_KEY, max_retries=0, timeout=10
+    ) as client:
+        assert (await client.models.retrieve(PUBLIC)).id == PUBLIC
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("qwen2-72b")  # "big" stands for it; it is not public
+        assert [m.id async for m in client.models.list()] == [MODEL, PUBLIC, "big"]
+    assert recording.received == []
