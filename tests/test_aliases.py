@@ -6,13 +6,23 @@ allowlists and metric labels use the public name; bad entries stop start-up with
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from conftest import MODEL, GatewayFactory, RecordingUpstream, RunningGateway, chat_body
+import yaml
+from conftest import (
+    MODEL,
+    GatewayFactory,
+    RecordingUpstream,
+    RunningGateway,
+    chat_body,
+    run_gateway_cli,
+)
 
 from gateway.config.load import ConfigError, parse_settings
 from gateway.testing import FakeCloud
@@ -217,3 +227,28 @@ async def test_models_retrieve_knows_the_public_name_and_not_the_hidden_upstream
             await client.models.retrieve("qwen2-72b")  # "big" stands for it; it is not public
         assert [m.id async for m in client.models.list()] == [MODEL, PUBLIC, "big"]
     assert recording.received == []
+
+
+def test_check_names_every_bad_model_entry_and_exits_2(cloud: FakeCloud, tmp_path: Path) -> None:
+    cfg: dict[str, Any] = {
+        "credentials": {"main": cloud.iam_password_config()},
+        "routes": [
+            {
+                "name": "chat",
+                "upstream": cloud.service_url,
+                "credential": "main",
+                "models": [MODEL, {"name": PUBLIC}, {"name": "x", "upstream": "y", "z": 1}],
+                "include_usage": "yes",
+            }
+        ],
+    }
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = run_gateway_cli("check", "--config", str(path), env=dict(os.environ))
+    assert result.returncode == 2, result.stderr
+    for problem in (
+        "routes[0].models[1].upstream: is required",
+        "routes[0].models[2].z: unknown key",
+        "routes[0].include_usage: must be true or false",
+    ):
+        assert problem in result.stderr, result.stderr
