@@ -9,7 +9,7 @@ from itertools import combinations, pairwise
 
 import pytest
 
-from gateway.proxy.usage import MAX_PENDING, Usage, UsageTap, from_json, from_tail
+from gateway.proxy.usage import HOLD, TAIL, Usage, UsageTap, from_json, from_tail
 
 
 def event(payload: object, end: bytes = b"\n\n") -> bytes:
@@ -110,7 +110,7 @@ def test_an_unfinished_event_is_held_back_only_when_hiding() -> None:
 
 
 def test_a_long_unfinished_event_is_not_held_without_bound() -> None:
-    big = b"data: " + b"x" * (MAX_PENDING + 10)
+    big = b"data: " + b"x" * (HOLD + 10)
     out, _, pending = run([BEFORE, big, b"\n\n", DONE], hide=True)
     assert out == BEFORE + big + b"\n\n" + DONE
     assert pending == b""
@@ -131,3 +131,26 @@ def test_whole_json_and_tail_usage() -> None:
     usage = Usage()
     from_json(json.dumps(responses_api).encode(), usage)
     assert usage.prompt == 4 and usage.completion is None
+
+
+def test_usage_at_the_end_of_a_large_coalesced_chunk_is_found_and_hidden() -> None:
+    many = b"".join(event(chunk(i)) for i in range(400))  # one read of a fast upstream
+    assert len(many) > 20 * TAIL
+    out, usage, _ = run([many + USAGE_EVENT + DONE], hide=True)
+    assert out == many + DONE and usage.completion == 3
+    out, usage, _ = run([many + USAGE_EVENT[:40], USAGE_EVENT[40:] + DONE], hide=True)
+    assert out == many + DONE and usage.completion == 3
+
+
+@pytest.mark.parametrize("hide", [False, True])
+def test_pieces_of_large_events_pass_at_once_and_nothing_is_kept(hide: bool) -> None:
+    big = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
+    usage = Usage(hide_event=hide)
+    tap = UsageTap(usage)
+    for _ in range(3):
+        for k in range(4):
+            piece = big[k * 16384 : (k + 1) * 16384]
+            assert (tap.feed(piece) if tap.needs(piece) else piece) == piece
+            assert tap.pending == b""  # never copied, never held back
+    out = tap.feed(USAGE_EVENT + DONE)
+    assert out == (DONE if hide else USAGE_EVENT + DONE) and usage.prompt == 11

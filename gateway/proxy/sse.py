@@ -16,9 +16,9 @@ line, per the HTML spec's event-stream grammar: CRLF, LF or CR line ends). Insid
 event the connection is closed instead, so a truncated stream never looks like a clean end.
 
 Every SSE answer is watched for its ``usage`` (gateway/proxy/usage.py) at the cost of one
-``endswith`` and one substring search per chunk; only a chunk that ends inside an event or
-mentions ``"usage"`` goes to the watcher, which may hold back or cut out bytes when the gateway
-itself asked for usage (``include_usage``).
+``endswith`` and one substring search of the chunk's last KiB; only a chunk that ends inside an
+event or has ``"usage"`` near its end goes to the watcher, which may hold back or cut out bytes
+when the gateway itself asked for usage (``include_usage``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from time import monotonic
 from typing import Protocol
 
 from gateway.metrics import ChunkStats
-from gateway.proxy.usage import EVENT_ENDS, USAGE_KEY, UsageTap
+from gateway.proxy.usage import EVENT_ENDS, TAIL, USAGE_KEY, UsageTap
 
 HEARTBEAT = b": keep-alive\n\n"
 _BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n")
@@ -206,7 +206,7 @@ class Relay:
         if self._reason or self._blocked:
             return
         source, sink, stats, tap = self._source, self._sink, self._stats, self._tap
-        ends, usage_key = EVENT_ENDS, USAGE_KEY
+        ends, usage_key, tail = EVENT_ENDS, USAGE_KEY, TAIL
         while True:
             try:
                 chunk = source.take()
@@ -221,7 +221,9 @@ class Relay:
             # the usage watcher's test, inline: a method call would cost as much as the test
             # itself (`in` on bytes first tries the needle as an int: find() is cheaper)
             if tap is not None and (
-                tap.pending or not chunk.endswith(ends) or chunk.find(usage_key) >= 0
+                tap.pending
+                or not chunk.endswith(ends)
+                or chunk.find(usage_key, len(chunk) - tail) >= 0
             ):
                 chunk = tap.feed(chunk)  # usage read; hidden or held back when it is ours
                 if not chunk:

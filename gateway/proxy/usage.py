@@ -22,8 +22,11 @@ from typing import Any
 EVENT_ENDS = (b"\n\n", b"\r\r", b"\n\r\n")
 USAGE_KEY = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-# An unfinished event longer than this is text, not a usage-only event: it is no longer held.
-MAX_PENDING = 64 * 1024
+# Where usage is looked for: the last TAIL bytes of each upstream chunk (the usage event is a
+# few hundred bytes, followed at most by "data: [DONE]").
+TAIL = 1024
+# An unfinished event longer than this is not the usage event: it is not held back or kept.
+HOLD = 4096
 
 
 @dataclass
@@ -104,24 +107,38 @@ def from_tail(tail: bytes, usage: Usage) -> None:
     usage.take(value)
 
 
-def _last_end(data: bytes, before: int) -> int:
-    """The offset just after the last event boundary that ends at or before ``before`` (0)."""
-    end = 0
-    for mark in EVENT_ENDS:
-        i = data.rfind(mark, 0, before)
-        if i >= 0 and i + len(mark) > end:
-            end = i + len(mark)
-    return end
+def _last_end(data: bytes, before: int, floor: int = 0) -> int:
+    """The offset just after the last event boundary ending at or before ``before`` and after
+    ``floor`` (``floor`` when there is none).
+
+    A boundary ends with LF or CR, so only those bytes are visited, found from the end with
+    ``rfind`` of one byte (memrchr): a chunk inside a long event costs two scans, not a loop."""
+    lf = data.rfind(b"\n", floor, before)
+    cr = data.rfind(b"\r", floor, before)
+    while lf >= 0 or cr >= 0:
+        if lf > cr:
+            j, lf = lf, -1
+            if j > floor and data[j - 1] == 10:  # LF LF
+                return j + 1
+            if j > floor + 1 and data[j - 1] == 13 and data[j - 2] == 10:  # LF CR LF, CRLF CRLF
+                return j + 1
+            lf = data.rfind(b"\n", floor, j)
+        else:
+            j, cr = cr, -1
+            if j > floor and data[j - 1] == 13:  # CR CR
+                return j + 1
+            cr = data.rfind(b"\r", floor, j)
+    return floor
 
 
-def _next_end(data: bytes, start: int) -> int:
-    """The offset just after the first event boundary from ``start`` on (len(data): none)."""
-    end = len(data)
+def _next_end(data: bytes, start: int, end: int) -> int:
+    """The offset just after the first event boundary in ``data[start:end]`` (``end``: none)."""
+    found = end
     for mark in EVENT_ENDS:
-        i = data.find(mark, start)
-        if i >= 0 and i + len(mark) < end:
-            end = i + len(mark)
-    return end
+        i = data.find(mark, start, end)
+        if i >= 0 and i + len(mark) < found:
+            found = i + len(mark)
+    return found
 
 
 def event_data(event: bytes) -> object:
@@ -142,8 +159,11 @@ def event_data(event: bytes) -> object:
 class UsageTap:
     """Watches one SSE body for its usage; with ``usage.hide_event``, edits what goes out.
 
-    The relay calls :meth:`feed` only for a chunk that needs it (:meth:`needs`, which the relay
-    inlines), and writes what it returns.
+    The usage that counts is the stream's last (OpenAI's include_usage chunk just before
+    ``[DONE]``, or vLLM's running totals with ``continuous_usage_stats``), so it is looked for
+    only in the last ``TAIL`` bytes of each upstream chunk: a large chunk (S4's 64 KiB events)
+    is never searched through. The relay calls :meth:`feed` only for a chunk that
+    :meth:`needs` it (a test the relay inlines), and writes what it returns.
     """
 
     __slots__ = ("_hide", "pending", "usage")
@@ -151,50 +171,104 @@ class UsageTap:
     def __init__(self, usage: Usage) -> None:
         self.usage = usage
         self._hide = usage.hide_event
-        self.pending = b""  # the unfinished event so far (held back from the client if hiding)
+        # the start of an unfinished event (up to HOLD bytes): held back from the client when
+        # hiding, only remembered when counting
+        self.pending = b""
 
     def needs(self, chunk: bytes) -> bool:
-        """False for the common chunk: whole events and no ``"usage"`` in them."""
-        return bool(self.pending) or not chunk.endswith(EVENT_ENDS) or chunk.find(USAGE_KEY) >= 0
+        """False for the common chunk: whole events and no ``"usage"`` near its end."""
+        return (
+            bool(self.pending)
+            or not chunk.endswith(EVENT_ENDS)
+            or chunk.find(USAGE_KEY, len(chunk) - TAIL) >= 0
+        )
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send the client for ``chunk``: ``chunk`` itself, unless hiding."""
-        if not self.pending and chunk.endswith(EVENT_ENDS):
-            # whole events with "usage" in them: parse only if it is an object (OpenAI's
-            # include_usage chunks all carry "usage": null)
-            complete = self._scan(chunk) if _USAGE_OBJECT.search(chunk) else chunk
-            return complete if self._hide else chunk
-        data = self.pending + chunk if self.pending else chunk
-        cut = _last_end(data, len(data))
-        self.pending = data[cut:]
-        flushed = b""
-        if len(self.pending) > MAX_PENDING:
-            flushed, self.pending = self.pending, b""
-        complete = data[:cut]
-        if complete.find(USAGE_KEY) >= 0:
-            complete = self._scan(complete)
-        return complete + flushed if self._hide else chunk
+        if not self.pending:
+            floor = len(chunk) - HOLD - 1
+            if floor > 0 and chunk.rfind(b"\n", floor) < 0 and chunk.rfind(b"\r", floor) < 0:
+                return chunk  # inside an event too long to be the usage event (S4's pieces)
+        if self._hide:
+            return self._hiding(chunk)
+        self._counting(chunk)
+        return chunk
 
-    def _scan(self, events: bytes) -> bytes:
-        """Take the usage of each whole event in ``events`` that has a ``usage`` object; returns
-        ``events`` without the usage-only ones when hiding."""
-        keep: list[bytes] = []
-        done = 0  # events[:done] is dealt with
-        for match in _USAGE_OBJECT.finditer(events):
+    def _counting(self, chunk: bytes) -> None:
+        """Count the usage in ``chunk``; remember a short unfinished event, never copying the
+        chunk (S4's reads hold a quarter of a megabyte)."""
+        start = 0  # chunk[:start] ends the event carried over
+        carried, self.pending = self.pending, b""
+        if carried:
+            # the carried event's end: the first boundary, which may begin in what was carried
+            joint = carried[-2:]
+            head = joint + chunk[:HOLD]
+            end = _next_end(head, 0, len(head))
+            if end < len(head) or head.endswith(EVENT_ENDS):
+                start = max(0, end - len(joint))
+                event = carried + chunk[:start]
+                self._scan(event, 0, len(event))
+            elif len(carried) + len(chunk) <= HOLD:
+                self.pending = carried + chunk  # still unfinished, still short
+                return
+            else:
+                start = min(len(chunk), HOLD)  # too long to be the usage event: forgotten
+        size = len(chunk)
+        cut = (
+            size
+            if chunk.endswith(EVENT_ENDS)
+            else _last_end(chunk, size, max(start, size - HOLD - 1))
+        )
+        lo = max(start, size - TAIL)
+        if lo < cut and chunk.find(USAGE_KEY, lo, cut) >= 0:
+            self._scan(chunk, lo, cut)
+        if 0 < size - cut <= HOLD:
+            self.pending = chunk[cut:]  # the usage event may be this one, not whole yet
+
+    def _hiding(self, chunk: bytes) -> bytes:
+        """What goes out for ``chunk`` when the usage-only event is the gateway's: every whole
+        event but that one; a short unfinished event is held back until its end."""
+        carried = self.pending
+        data = carried + chunk if carried else chunk
+        self.pending = b""
+        size = len(data)
+        # data[:cut] is whole events, data[cut:] the start of an unfinished one (looked for only
+        # in the last HOLD bytes: a longer one is no usage event)
+        ends = data.endswith(EVENT_ENDS)
+        cut = size if ends else _last_end(data, size, max(0, size - HOLD - 1))
+        # "usage" is looked for in the last TAIL bytes, and in what was carried over
+        lo = max(0, size - TAIL)
+        if carried and data.find(USAGE_KEY, 0, len(carried) + len(USAGE_KEY) - 1) >= 0:
+            lo = 0
+        hit = lo < cut and data.find(USAGE_KEY, lo, cut) >= 0
+        hidden = self._scan(data, lo, cut) if hit else []
+        unfinished = size - cut
+        if 0 < unfinished <= HOLD:
+            self.pending = data[cut:]
+            size = cut  # what goes out ends here
+        if not hidden:
+            return data if size == len(data) else data[:size]
+        keep, done = [], 0
+        for start, end in hidden:
+            keep.append(data[done:start])
+            done = end
+        keep.append(data[done:size])
+        return b"".join(keep)
+
+    def _scan(self, data: bytes, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Take the usage of each whole event in ``data[:hi]`` with a ``usage`` object from
+        ``lo`` on; returns the spans of the usage-only events, when hiding."""
+        hidden: list[tuple[int, int]] = []
+        done = 0  # data[:done] is dealt with
+        for match in _USAGE_OBJECT.finditer(data, lo, hi):
             if match.start() < done:
                 continue  # a second "usage" in an event already parsed
-            start = _last_end(events, match.start())
-            end = _next_end(events, match.end())
-            data = event_data(events[start:end])
-            if self.usage.take(_usage_of(data)) and self._hide and _usage_only(data):
-                keep.append(events[done:start])
-            else:
-                keep.append(events[done:end])
-            done = end
-        if not keep:
-            return events
-        keep.append(events[done:])
-        return b"".join(keep)
+            start = _last_end(data, match.start())
+            done = _next_end(data, match.end(), hi)
+            event = event_data(data[start:done])
+            if self.usage.take(_usage_of(event)) and self._hide and _usage_only(event):
+                hidden.append((start, done))
+        return hidden
 
 
 def _usage_only(data: object) -> bool:
