@@ -13,10 +13,11 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from gateway._aiohttp import c_extensions_missing
-from gateway.config.load import ConfigError, load_config
+from gateway.config.load import ConfigError, load_config, parse_config, read_config
 from gateway.config.model import Settings
 from gateway.log import setup_logging
 from gateway.proxy.guard import check_exposure
@@ -78,10 +79,14 @@ def _load(path: str) -> Settings | None:
     try:
         return load_config(path, os.environ)
     except ConfigError as exc:
-        print(f"modelarts-gateway: invalid config {path}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _invalid(path, exc)
         return None
+
+
+def _invalid(path: str, exc: ConfigError) -> None:
+    print(f"modelarts-gateway: invalid config {path}:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,24 +133,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "serve":
         _parser().print_help(sys.stderr)
         return 2
-    settings = _load(args.config)
-    if settings is None:
+    try:
+        text = read_config(args.config)
+        loaded = parse_config(text, args.config, os.environ)
+    except ConfigError as exc:
+        _invalid(args.config, exc)
         return 2
-    listen = settings.listen
-    if args.host is not None:
-        listen = dataclasses.replace(listen, host=args.host)
-    if args.port is not None:
-        listen = dataclasses.replace(listen, port=args.port)
-    exposure = check_exposure(listen)
+
+    def overrides(given: Settings) -> Settings:
+        """--host and --port win over the file: at start and at every reload."""
+        listen = given.listen
+        if args.host is not None:
+            listen = dataclasses.replace(listen, host=args.host)
+        if args.port is not None:
+            listen = dataclasses.replace(listen, port=args.port)
+        return dataclasses.replace(given, listen=listen)
+
+    settings = overrides(loaded)
+    exposure = check_exposure(settings.listen)
     if exposure:
         print(f"modelarts-gateway: refusing to start: {exposure}", file=sys.stderr)
         return 2
-    settings = dataclasses.replace(settings, listen=listen)
     setup_logging(args.log_level, args.log_format)
 
+    from gateway.server.reload import ConfigSource, digest
     from gateway.server.run import serve
 
-    return _run(serve(settings, notify_socket=os.environ.get("NOTIFY_SOCKET")))
+    source = ConfigSource(Path(args.config), os.environ, overrides, digest(text))
+    return _run(serve(settings, source=source, notify_socket=os.environ.get("NOTIFY_SOCKET")))
 
 
 def _token(path: str, credential: str | None, show: bool) -> int:

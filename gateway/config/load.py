@@ -711,23 +711,30 @@ def parse_settings(raw: object, environ: Mapping[str, str]) -> Settings:
     listen = _parse_listen(top.get("listen"), problems)
     credentials = _parse_credentials(top.get("credentials"), problems, environ)
     routes = _parse_routes(top.get("routes"), credentials, problems)
+    config_watch = top.convert("config_watch", 0.0, parse_duration)
     top.finish()
     exposure = check_exposure(listen)
     if exposure:
         problems.append(exposure)
     if problems:
         raise ConfigError(problems)
-    return Settings(listen=listen, credentials=credentials, routes=routes)
+    return Settings(
+        listen=listen, credentials=credentials, routes=routes, config_watch=config_watch
+    )
 
 
-def load_config(path: str | Path, environ: Mapping[str, str]) -> Settings:
-    """Read, expand and validate a YAML config file; raises :class:`ConfigError`."""
+def read_config(path: str | Path) -> str:
+    """The config file's text, read by path each time (a ConfigMap update swaps a symlink)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read ({exc.strerror or exc})"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
+
+
+def parse_config(text: str, path: str | Path, environ: Mapping[str, str]) -> Settings:
+    """Parse, expand and validate config ``text`` read from ``path``; raises ConfigError."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -735,3 +742,8 @@ def load_config(path: str | Path, environ: Mapping[str, str]) -> Settings:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError([f"{path}: not valid YAML{where}"]) from None
     return parse_settings(raw, environ)
+
+
+def load_config(path: str | Path, environ: Mapping[str, str]) -> Settings:
+    """Read, expand and validate a YAML config file; raises :class:`ConfigError`."""
+    return parse_config(read_config(path), path, environ)

@@ -277,3 +277,4 @@ class Settings:
     listen: Listen
     credentials: Mapping[str, CredentialConfig]
     routes: tuple[Route, ...]
+    config_watch: float = 0.0  # re-read the file when its content changes, this often (0: off)

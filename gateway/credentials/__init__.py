@@ -80,17 +80,35 @@ def build_credentials(
     configs: Mapping[str, CredentialConfig],
     session: aiohttp.ClientSession,
     on_refresh: RefreshListener | None = None,
+    previous: Mapping[str, tuple[CredentialConfig, Credential]] | None = None,
 ) -> dict[str, Credential]:
-    """Every configured credential, an agency's ``via`` built first and shared (one cache)."""
+    """Every configured credential, an agency's ``via`` built first and shared (one cache).
+
+    ``previous`` (a reload: name → the config and credential serving now) gives back the same
+    credential, cached token and all, for each definition that did not change. An agency is
+    kept only if its ``via`` is kept too: the agency holds that very credential.
+    """
     built: dict[str, Credential] = {}
     building: set[str] = set()
+    before = previous or {}
 
     def resolve(name: str) -> Credential:
         if name not in built:
             if name in building:
                 raise ValueError(f"credential {name!r}: agencies form a loop")
             building.add(name)
-            built[name] = build_credential(configs[name], session, on_refresh, resolve)
+            cfg = configs[name]
+            old = before.get(name)
+            if old is not None and old[0] == cfg and _same_via(cfg):
+                built[name] = old[1]
+            else:
+                built[name] = build_credential(cfg, session, on_refresh, resolve)
         return built[name]
+
+    def _same_via(cfg: CredentialConfig) -> bool:
+        if not isinstance(cfg, AgencyCredential):
+            return True
+        old_via = before.get(cfg.via)
+        return old_via is not None and resolve(cfg.via) is old_via[1]
 
     return {name: resolve(name) for name in configs}
