@@ -448,3 +448,24 @@ def test_include_usage_must_be_a_boolean_and_the_message_names_the_key(
     with pytest.raises(ConfigError) as info:
         parse_settings(cfg, {})
     assert "routes[1].include_usage: must be true or false" in info.value.problems
+
+
+@pytest.mark.parametrize("size", [700, 1000, 1500])
+async def test_a_long_usage_event_is_found_by_the_relay_and_hidden(
+    size: int,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    upstream, url = scripted
+
+    def usage_event(pad: str) -> bytes:
+        return sse({"id": pad, "object": "chat.completion.chunk", "choices": [], "usage": USAGE})
+
+    long_usage = usage_event("x" * (size - len(usage_event(""))))
+    assert len(long_usage) == size
+    upstream.chunks = [*EVENTS, long_usage, DONE]
+    gw = await make_gateway(config(url, include_usage=True))
+    status, got = await post(http, gw, RAW, CLIENT_BODY)
+    assert status == 200 and got == b"".join(EVENTS) + DONE
+    assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)

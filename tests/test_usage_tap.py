@@ -154,3 +154,14 @@ def test_pieces_of_large_events_pass_at_once_and_nothing_is_kept(hide: bool) -> 
             assert tap.pending == b""  # never copied, never held back
     out = tap.feed(USAGE_EVENT + DONE)
     assert out == (DONE if hide else USAGE_EVENT + DONE) and usage.prompt == 11
+
+
+@pytest.mark.parametrize("size", [300, 520, 700, 900, 1000, 1100, 3000])
+@pytest.mark.parametrize("hide", [False, True])
+def test_a_usage_chunk_of_any_size_is_found(size: int, hide: bool) -> None:
+    # a usage event padded (say, with a long id) to ``size`` bytes, sent as one chunk
+    pad = "x" * max(0, size - len(USAGE_EVENT))
+    usage_event = event({"id": pad, "choices": [], "usage": USAGE})
+    out, usage, _ = run([BEFORE, usage_event, DONE], hide)
+    assert usage.completion == 3, len(usage_event)
+    assert out == (BEFORE + DONE if hide else BEFORE + usage_event + DONE)

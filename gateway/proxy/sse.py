@@ -206,7 +206,8 @@ class Relay:
         if self._reason or self._blocked:
             return
         source, sink, stats, tap = self._source, self._sink, self._stats, self._tap
-        ends, usage_key, tail = EVENT_ENDS, USAGE_KEY, TAIL
+        # find(key, -TAIL) searches the last TAIL bytes (all of a shorter chunk)
+        ends, usage_key, tail = EVENT_ENDS, USAGE_KEY, -TAIL
         while True:
             try:
                 chunk = source.take()
@@ -221,9 +222,7 @@ class Relay:
             # the usage watcher's test, inline: a method call would cost as much as the test
             # itself (`in` on bytes first tries the needle as an int: find() is cheaper)
             if tap is not None and (
-                tap.pending
-                or not chunk.endswith(ends)
-                or chunk.find(usage_key, len(chunk) - tail) >= 0
+                tap.pending or not chunk.endswith(ends) or chunk.find(usage_key, tail) >= 0
             ):
                 chunk = tap.feed(chunk)  # usage read; hidden or held back when it is ours
                 if not chunk:

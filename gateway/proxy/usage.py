@@ -180,7 +180,7 @@ class UsageTap:
         return (
             bool(self.pending)
             or not chunk.endswith(EVENT_ENDS)
-            or chunk.find(USAGE_KEY, len(chunk) - TAIL) >= 0
+            or chunk.find(USAGE_KEY, -TAIL) >= 0  # negative: from the end, clamped at 0
         )
 
     def feed(self, chunk: bytes) -> bytes:
