@@ -3,11 +3,12 @@ event that carries it (with ``stream_options.include_usage``, the last data even
 ``[DONE]``, whose ``choices`` is empty; OpenAI API reference, "The chat completion chunk").
 
 A stream is watched without slowing the relay down: an upstream chunk that ends on an event
-boundary and holds no ``"usage"`` (nearly every one) costs a substring search and an
-``endswith``; only the bytes of an unfinished event are kept, and only an event in which a
-``usage`` object appears is parsed. When the gateway itself asked for usage (``include_usage``
-on the route, the client did not ask), the usage-only event is cut out of what the client gets,
-and an unfinished event is held back until its end shows whether it is that event.
+boundary and has no ``"usage"`` in its last KiB (nearly every one) costs a substring search of
+that KiB and an ``endswith``; at most 4 KiB of an unfinished event are kept, a large chunk is
+never copied or searched through, and only an event in which a ``usage`` object appears is
+parsed. When the gateway itself asked for usage (``include_usage`` on the route, the client did
+not ask), the usage-only event is cut out of what the client gets, and a short unfinished event
+is held back until its end shows whether it is that event.
 """
 
 from __future__ import annotations
