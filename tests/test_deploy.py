@@ -43,6 +43,7 @@ EXPECTED_METRICS = frozenset(
         "gateway_key_requests_total",
         "gateway_rate_limited_total",
         "gateway_limits_store_errors_total",
+        "gateway_tokens_total",
     }
 )
 HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")

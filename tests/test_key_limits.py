@@ -79,10 +79,10 @@ def team(
 
 
 async def post(
-    http: aiohttp.ClientSession, url: str, key: str, stream: bool = False
+    http: aiohttp.ClientSession, url: str, key: str, stream: bool = False, **extra: Any
 ) -> tuple[int, Any, aiohttp.ClientResponse]:
     async with http.post(
-        url + "/v1/chat/completions", json=chat_body(stream=stream), headers=bearer(key)
+        url + "/v1/chat/completions", json=chat_body(stream=stream, **extra), headers=bearer(key)
     ) as resp:
         data: Any = await resp.json() if resp.content_type == "application/json" else None
         await resp.read()
@@ -203,6 +203,29 @@ async def test_tokens_per_minute_admits_while_below_the_limit_then_refuses(
     status, _, _ = await post(http, gw.url, BOB_KEY)
     assert status == 200
     assert gw.metric("gateway_rate_limited_total", key="alice", limit="tokens_per_minute") == 1
+
+
+@pytest.mark.parametrize("asked", [True, False], ids=["client_asks_usage", "route_asks_usage"])
+@pytest.mark.usefixtures("script")
+async def test_a_streams_usage_event_counts_against_tokens_per_minute(
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    store: dict[str, Any],
+    asked: bool,
+) -> None:
+    def edit(config: dict[str, Any]) -> None:
+        team({"tokens_per_minute": 2 * TOKENS}, store)(config)
+        config["routes"][0]["include_usage"] = not asked
+
+    gw = await make_gateway(edit)
+    extra = {"stream_options": {"include_usage": True}} if asked else {}
+    for _ in range(2):
+        status, _, _ = await post(http, gw.url, ALICE_KEY, stream=True, **extra)
+        assert status == 200
+    status, data, resp = await post(http, gw.url, ALICE_KEY, stream=True, **extra)
+    assert status == 429, "two streams of 6 tokens each used the 12"
+    assert_refusal(data, "rate_limit_exceeded", "tokens")
+    assert 58 <= retry_after(resp) <= 60
 
 
 @pytest.mark.parametrize(("limit", "admitted"), [(2 * TOKENS, 2), (2 * TOKENS + 1, 3)])
