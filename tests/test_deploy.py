@@ -293,6 +293,8 @@ def test_team_replicas_share_their_key_limits_through_the_redis_of_redis_yaml() 
     variable = store["url"].removeprefix("${").removesuffix("}")
     url = env[variable]["value"]
     assert config["listen"]["key_defaults"], "every key gets limits"
+    # token limits see a stream's tokens only when it reports usage
+    assert all(route.get("include_usage") is True for route in config["routes"])
 
     redis_docs = load_all(DEPLOY / "kubernetes" / "redis.yaml")
     (service,) = (d for d in redis_docs if d["kind"] == "Service")
