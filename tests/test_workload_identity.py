@@ -189,6 +189,29 @@ async def test_refresh_ahead_of_expiry_serves_the_old_token_meanwhile(
     assert gw.metric("gateway_token_refreshes_total", credential="wi", result="ok") == 2
 
 
+async def test_the_token_is_refreshed_before_it_expires_with_no_request_at_all(
+    cloud: FakeCloud,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    projected: ProjectedToken,
+) -> None:
+    """An idle sidecar still exchanges the rotated file for a new token inside the margin."""
+    cloud.iam.token_lifetime = 3.5  # real seconds: the refresh is due 1.5 s after each fetch
+    gw = await make_gateway(use_wi(cloud, projected.path, refresh_margin="2s"))
+    credential = gw.app[GATEWAY].credentials["wi"]
+    first = await credential.token()  # type: ignore[attr-defined]
+    refreshes = watch_refreshes(cache_of(gw))
+    projected.write(cloud.iam.provider.mint())  # the kubelet rotates the file meanwhile
+    assert await asyncio.wait_for(refreshes.get(), 5) == "ok"
+    renewed = cache_of(gw).usable()
+    assert renewed is not None and renewed.value != first.value
+    assert time.time() < first.expires_at  # before the old token expired
+    assert cloud.iam.id_token_requests[-1].id_token == projected.path.read_text()
+    assert not cloud.modelarts.requests  # no request woke it
+    async with http.get(gw.url + "/readyz") as resp:
+        assert resp.status == 200
+
+
 async def test_rotated_token_file_is_read_at_the_next_fetch(
     cloud: FakeCloud,
     make_gateway: GatewayFactory,
@@ -265,6 +288,7 @@ async def test_rejected_id_token_is_never_retried_in_a_loop(
     assert cloud.iam.calls == 1
     assert not cloud.modelarts.requests
     assert gw.metric("gateway_token_refreshes_total", credential="wi", result="rejected") == 1
+    assert cache_of(gw)._timer is None  # nor retried unasked: only a request tries again
     async with http.get(gw.url + "/readyz") as resp:
         assert resp.status == 503
         problems = (await resp.json())["problems"]
