@@ -520,10 +520,20 @@ async def test_keys_already_expired_are_a_failure_with_back_off(
 # --- operations ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["ecs_metadata", "pod_identity", "sdk_default"])
 async def test_metrics_and_readyz_cover_temporary_keys(
-    platform: Platform, make_gateway: GatewayFactory, http: aiohttp.ClientSession
+    platform: Platform,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    token_file: Path,
+    kind: str,
 ) -> None:
-    gw = await make_gateway(use(metadata_cred(platform)))
+    creds = {
+        "ecs_metadata": metadata_cred(platform),
+        "pod_identity": pod_cred(platform, token_file),
+        "sdk_default": sdk_cred(platform),  # no environment, no profile: the metadata service
+    }
+    gw = await make_gateway(use(creds[kind]))
     assert (await chat(http, gw))[0] == 200
     keys = platform.issuer.issued[-1]
     assert gw.metric("gateway_token_refreshes_total", credential="main", result="ok") == 1
