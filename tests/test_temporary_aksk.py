@@ -338,9 +338,9 @@ async def test_keys_are_refreshed_before_they_expire_with_no_request_at_all(
     keys never lapse and /readyz stays 200 (an unready pod gets no traffic to wake it)."""
     service = platform.metadata if kind == "ecs_metadata" else platform.pod_identity
     service.reuse = False
-    platform.issuer.lifetime = 3.0  # real seconds: the refresh is due 1 s after each fetch
+    platform.issuer.lifetime = 5.0  # real seconds: the refresh is due 1 s after each fetch
     cred = metadata_cred(platform) if kind == "ecs_metadata" else pod_cred(platform, token_file)
-    gw = await make_gateway(use({**cred, "refresh_margin": "2s"}))
+    gw = await make_gateway(use({**cred, "refresh_margin": "4s"}))
     credential = credential_of(gw)
     first = await credential.keys()  # the start-up fetch, joined (not a request)
     results: asyncio.Queue[str] = asyncio.Queue()

@@ -196,8 +196,8 @@ async def test_the_token_is_refreshed_before_it_expires_with_no_request_at_all(
     projected: ProjectedToken,
 ) -> None:
     """An idle sidecar still exchanges the rotated file for a new token inside the margin."""
-    cloud.iam.token_lifetime = 3.5  # real seconds: the refresh is due 1.5 s after each fetch
-    gw = await make_gateway(use_wi(cloud, projected.path, refresh_margin="2s"))
+    cloud.iam.token_lifetime = 5.5  # real seconds: the refresh is due 1.5 s after each fetch
+    gw = await make_gateway(use_wi(cloud, projected.path, refresh_margin="4s"))
     credential = gw.app[GATEWAY].credentials["wi"]
     first = await credential.token()  # type: ignore[attr-defined]
     refreshes = watch_refreshes(cache_of(gw))
