@@ -76,3 +76,9 @@ async def test_closing_cancels_the_timer_and_a_late_seed_times_nothing() -> None
 
 async def _token(expires_at: float) -> Token:
     return Token("v", expires_at)
+
+
+def test_a_token_seeded_outside_an_event_loop_is_adopted_without_a_timer() -> None:
+    cache = TokenCache("t", lambda: _token(math.inf), refresh_margin=300)
+    assert cache.seed(Token("from-a-script", time.time() + 1000))
+    assert cache._timer is None and cache.token is not None

@@ -233,7 +233,11 @@ class TokenCache(Generic[T]):
             self._timer = None
         if self._closed or not math.isfinite(delay):
             return
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._timed)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # seeded outside a loop (a script): requests still refresh it
+            return
+        self._timer = loop.call_later(max(0.0, delay), self._timed)
 
     def _timed(self) -> None:
         self._timer = None
