@@ -63,6 +63,28 @@ async def test_after_a_failure_only_a_transient_one_is_retried_unasked(
     await cache.close()
 
 
+async def test_a_rejection_cancels_the_timed_refresh_of_the_token_it_replaced() -> None:
+    answers: list[Token | FetchFailed] = [
+        Token("v", time.time() + 1000),
+        FetchFailed("password changed", rejected=True),
+    ]
+
+    async def fetch() -> Token:
+        answer = answers.pop(0)
+        if isinstance(answer, FetchFailed):
+            raise answer
+        return answer
+
+    cache = TokenCache("t", fetch, refresh_margin=300)
+    token = await cache.get()
+    assert cache._timer is not None
+    cache.invalidate(token.value)  # an upstream 401
+    with pytest.raises(Exception, match="password changed"):
+        await cache.get()
+    assert cache._timer is None  # nothing will ask IAM again unasked
+    await cache.close()
+
+
 async def test_closing_cancels_the_timer_and_a_late_seed_times_nothing() -> None:
     cache = TokenCache("t", lambda: _token(time.time() + 1000), refresh_margin=300)
     await cache.get()

@@ -213,10 +213,9 @@ class TokenCache(Generic[T]):
         delay = min(cap, base * 2 ** (self._failures - 1))
         self._retry_at = time.monotonic() + delay
         self._last_error = reason
-        if not rejected:
-            # retried unasked, not sooner than REFRESH_INTERVAL (requests may ask sooner);
-            # a rejected identity is retried only when asked (IAM lock-outs)
-            self._schedule(max(delay, REFRESH_INTERVAL))
+        # retried unasked, not sooner than REFRESH_INTERVAL (requests may ask sooner); a
+        # rejected identity only when asked (IAM lock-outs): its timer, if any, is cancelled
+        self._schedule(math.inf if rejected else max(delay, REFRESH_INTERVAL))
         log.warning(
             "credential %r: token fetch failed (%s); next attempt in %.0f s",
             self.name,
