@@ -364,6 +364,26 @@ async def test_a_client_that_asked_for_usage_gets_the_stream_and_its_body_untouc
     assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
 
 
+@pytest.mark.parametrize("value", [b"1", b'"true"', b"{}"])
+async def test_a_non_boolean_include_usage_is_left_to_the_upstream_and_nothing_is_hidden(
+    value: bytes,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # a lenient upstream (vLLM's pydantic reads 1 or "true" as true) sends usage the client
+    # expects: the gateway neither rewrites the value nor cuts the event, and still counts it
+    upstream, url = scripted
+    upstream.chunks = [*EVENTS, USAGE_EVENT, DONE]
+    gw = await make_gateway(config(url, include_usage=True))
+    body = b'{"model":"m","stream":true,"stream_options":{"include_usage":%b}}' % value
+    status, got = await post(http, gw, RAW, body)
+    assert status == 200
+    assert upstream.bodies[-1] == body
+    assert got == b"".join(upstream.chunks)
+    assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
+
+
 @pytest.mark.parametrize(
     "body",
     [
