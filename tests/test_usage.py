@@ -170,6 +170,33 @@ async def test_without_keys_or_models_the_labels_are_dashes_never_the_clients_mo
     assert "anything-a-client-likes" not in exposed
 
 
+async def test_a_model_the_route_does_not_list_is_labelled_dash_on_a_catch_all_route(
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # /raw has a route for model "m" and a catch-all route without models: any other name a
+    # client sends goes to the catch-all, and its label is "-", never the client's string
+    upstream, url = scripted
+    upstream.content_type = "application/json"
+    upstream.chunks = [json.dumps({"usage": USAGE}).encode()]
+
+    def edit(cfg: dict[str, Any]) -> None:
+        config(url, models=["m"])(cfg)
+        anything = {**cfg["routes"][-1], "name": "anything"}
+        del anything["models"]
+        cfg["routes"].append(anything)
+
+    gw = await make_gateway(edit)
+    for model in ("m", "made-up-by-a-client-7f3a"):
+        status, _ = await post(http, gw, RAW, json.dumps({"model": model}).encode())
+        assert status == 200
+    assert tokens(gw, "raw", "alice", "m") == (17.0, 5.0)
+    assert tokens(gw, "anything", "alice", "-") == (17.0, 5.0)
+    exposed = (await (await http.get(gw.url + "/metrics")).read()).decode()
+    assert "made-up-by-a-client-7f3a" not in exposed
+
+
 async def test_a_large_json_answer_is_relayed_and_its_usage_still_counted(
     scripted: tuple[ScriptedUpstream, str],
     make_gateway: GatewayFactory,
@@ -488,4 +515,37 @@ async def test_a_long_usage_event_is_found_by_the_relay_and_hidden(
     gw = await make_gateway(config(url, include_usage=True))
     status, got = await post(http, gw, RAW, CLIENT_BODY)
     assert status == 200 and got == b"".join(EVENTS) + DONE
+    assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
+
+
+@pytest.mark.parametrize("hide", [True, False], ids=["route_asks", "client_asks"])
+async def test_usage_far_from_the_end_of_its_chunk_is_found_by_the_relay(
+    hide: bool,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # OpenAI's usage chunk: usage with its details, then fields after it ("obfuscation"
+    # padding), and [DONE] in the same write: "usage" is some 700 bytes before the chunk's end
+    upstream, url = scripted
+    details = {
+        **USAGE,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+    last = sse(
+        {"id": "c1", "choices": [], "usage": details, "obfuscation": "q" * 400, "x": "y" * 100}
+    )
+    assert 600 < len(last) + len(DONE) - last.index(b'"usage"') < 1000
+    upstream.chunks = [*EVENTS, last + DONE]
+    gw = await make_gateway(config(url, include_usage=True))
+    body = CLIENT_BODY if hide else b'{"stream":true,"stream_options":{"include_usage":true}}'
+    status, got = await post(http, gw, RAW, body)
+    assert status == 200
+    assert got == b"".join(EVENTS) + (b"" if hide else last) + DONE
     assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
