@@ -549,3 +549,25 @@ async def test_usage_far_from_the_end_of_its_chunk_is_found_by_the_relay(
     assert status == 200
     assert got == b"".join(EVENTS) + (b"" if hide else last) + DONE
     assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
+
+
+@pytest.mark.parametrize("count", ["1" + "0" * 400, str(2**63)])
+async def test_an_absurd_usage_count_is_unknown_and_the_answer_still_reaches_the_client(
+    count: str,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    captured_logs: pytest.LogCaptureFixture,
+) -> None:
+    # 10**400 made the metric raise OverflowError after the answer was built (a 500 instead of
+    # the answer, no access-log line); 2**63 would fail Redis's HINCRBY and trip on_error
+    upstream, url = scripted
+    upstream.content_type = "application/json"
+    answer = b'{"usage":{"prompt_tokens":%b,"completion_tokens":5}}' % count.encode()
+    upstream.chunks = [answer]
+    gw = await make_gateway(config(url))
+    status, got = await post(http, gw, RAW, b"{}")
+    assert status == 200 and got == answer
+    assert tokens(gw, "raw", "alice", "-") == (0.0, 5.0)
+    line = access_lines(captured_logs)[-1]
+    assert line["prompt_tokens"] == "-" and line["completion_tokens"] == 5

@@ -63,10 +63,16 @@ class Usage:
         return True
 
 
+# The largest count taken: an exact float (Prometheus counters are floats) and far inside
+# Redis's 64-bit HINCRBY. A larger one (a broken or hostile upstream) would make the metric
+# raise OverflowError after the answer, or fail the Redis call and trip on_error: it is unknown.
+MAX_COUNT = 2**53
+
+
 def _count(usage: dict[str, Any], *names: str) -> int | None:
     for name in names:
         value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT:
             return value
     return None
 
