@@ -13,6 +13,7 @@ import calendar
 import copy
 import logging
 import os
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -443,6 +444,46 @@ async def test_two_gateway_processes_on_one_redis_admit_exactly_the_limit(
         assert all(200 in s or 429 in s for s in per_process)
         status, _, _ = await post(http, urls[0], BOB_KEY)
         assert status == 200
+    finally:
+        for proc in procs:
+            await stop_process(proc)
+
+
+async def test_a_reload_of_one_replica_changes_its_limit_and_the_shared_count_stays(
+    cloud: FakeCloud,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    config = base_config(cloud)
+    team({"requests_per_minute": 4}, {"type": "redis", "url": redis_server.url})(config)
+    procs = []
+    try:
+        urls, logs = [], []
+        for n in range(2):
+            proc, url, log_path = await spawn_gateway(config, tmp_path, n)
+            procs.append(proc)
+            urls.append(url)
+            logs.append(log_path)
+        assert [(await post(http, urls[i % 2], ALICE_KEY))[0] for i in range(4)] == [200] * 4
+        assert (await post(http, urls[1], ALICE_KEY))[0] == 429
+        # replica 1 reloads with a higher limit: the four already made still count there
+        path = tmp_path / "gateway1.yaml"
+        raised = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raised["listen"]["api_keys"][0]["requests_per_minute"] = 6
+        path.write_text(yaml.safe_dump(raised), encoding="utf-8")
+        procs[1].send_signal(signal.SIGHUP)
+        await until(
+            lambda: "config reloaded (SIGHUP)" in logs[1].read_text(encoding="utf-8"),
+            "replica 1 reloaded",
+        )
+        assert [(await post(http, urls[1], ALICE_KEY))[0] for _ in range(3)] == [200, 200, 429]
+        # replica 0 keeps its limit of 4 against the six now counted, and says when it admits
+        status, data, resp = await post(http, urls[0], ALICE_KEY)
+        assert status == 429
+        assert_refusal(data, "rate_limit_exceeded", "requests")
+        assert 57 <= retry_after(resp) <= 60
+        assert len(cloud.modelarts.requests) == 6
     finally:
         for proc in procs:
             await stop_process(proc)
