@@ -40,9 +40,12 @@ from conftest import (
 from redis_server import RedisServer
 
 from gateway.config.load import ConfigError, parse_settings
-from gateway.config.model import KeyLimits
+from gateway.config.model import ApiKey, KeyLimits, LimitsStore, Secret
 from gateway.limits import Refusal
 from gateway.limits.memory import MemoryStore
+from gateway.limits.redis_store import RedisStore
+from gateway.metrics import Metrics
+from gateway.proxy.quota import RETRY_DOWN, KeyLimiter
 from gateway.testing import FakeCloud
 
 ALICE_KEY = "sk-alice-limits-7c1e9b20d4"
@@ -638,6 +641,40 @@ async def test_redis_that_accepts_but_never_answers_delays_no_request_beyond_its
         assert max(took[1:]) < 0.15, took
         assert gw.metric("gateway_limits_store_errors_total", operation="admit") == 1
     finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_after_a_failure_one_record_probes_a_silent_redis_the_others_do_not_wait() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = LimitsStore(type="redis", url=Secret(f"redis://127.0.0.1:{port}/0"), timeout=0.1)
+    metrics = Metrics()
+    limiter = KeyLimiter(RedisStore(config), config, metrics)
+    key = ApiKey("alice", b"\0" * 32, limits=KeyLimits(tokens_per_minute=100))
+    try:
+        await limiter.admit(key, None)  # times out: the store is down, allow lets it go
+        await asyncio.sleep(RETRY_DOWN)  # the gateway's own retry timer: no event to await
+        # five requests end at once, past the retry second: one tries Redis, four go on
+        start = time.monotonic()
+        finished: list[float] = []
+
+        async def ends() -> None:
+            await limiter.record_tokens(key, 5)
+            finished.append(time.monotonic() - start)
+
+        await asyncio.gather(*(ends() for _ in range(5)))
+        failed = metrics.registry.get_sample_value(
+            "gateway_limits_store_errors_total", {"operation": "record"}
+        )
+        assert failed == 1, "only the probe waited on the silent store"
+        assert sorted(finished)[3] < 0.1, finished
+    finally:
+        await limiter.store.close()
         server.close()
         await server.wait_closed()
 
