@@ -571,3 +571,25 @@ async def test_an_absurd_usage_count_is_unknown_and_the_answer_still_reaches_the
     assert tokens(gw, "raw", "alice", "-") == (0.0, 5.0)
     line = access_lines(captured_logs)[-1]
     assert line["prompt_tokens"] == "-" and line["completion_tokens"] == 5
+
+
+async def test_a_responses_api_stream_whose_last_event_comes_in_pieces_is_counted(
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # response.completed carries the whole output (here 20 kB), so it arrives in several reads
+    upstream, url = scripted
+    created = b'event: response.created\ndata: {"type":"response.created"}\n\n'
+    response = {
+        "id": "resp_1",
+        "output": [{"type": "message", "content": [{"type": "output_text", "text": "w " * 10000}]}],
+        "usage": {"input_tokens": 17, "output_tokens": 5, "total_tokens": 22},
+    }
+    data = json.dumps({"type": "response.completed", "response": response}).encode()
+    last = b"event: response.completed\ndata: " + data + b"\n\n"
+    upstream.chunks = [created, last[:8000], last[8000:16000], last[16000:]]
+    gw = await make_gateway(config(url, include_usage=True))
+    status, got = await post(http, gw, RAW, b'{"model":"m","stream":true,"input":"hi"}')
+    assert status == 200 and got == created + last
+    assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
