@@ -593,3 +593,22 @@ async def test_a_responses_api_stream_whose_last_event_comes_in_pieces_is_counte
     status, got = await post(http, gw, RAW, b'{"model":"m","stream":true,"input":"hi"}')
     assert status == 200 and got == created + last
     assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_a_long_last_event_whose_final_line_end_comes_alone_is_a_clean_end(
+    include_usage: bool,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    captured_logs: pytest.LogCaptureFixture,
+) -> None:
+    # the blank line that ends a long event (longer than the watcher keeps) split "\n" | "\n":
+    # the second "\n" alone ends the stream cleanly; it was taken for an unfinished event
+    upstream, url = scripted
+    long_event = sse({"id": "c1", "choices": [{"delta": {"content": "x" * 6000}}]})
+    upstream.chunks = [*EVENTS, long_event[:-1], long_event[-1:]]
+    gw = await make_gateway(config(url, include_usage=include_usage))
+    status, got = await post(http, gw, RAW, CLIENT_BODY)
+    assert status == 200 and got == b"".join(EVENTS) + long_event
+    assert access_lines(captured_logs)[-1]["end"] == "done"

@@ -205,6 +205,18 @@ class UsageTap:
         self._counting(chunk)
         return chunk
 
+    def finish(self, sent: bytes) -> bytes | None:
+        """At the body's end: what is still to go out after ``sent`` (the last bytes that did),
+        or None when the stream ends inside an event held back.
+
+        Counting, ``pending`` was sent already: whether the stream ended cleanly is the relay's
+        to see. Hiding, what is held goes out when it ends the stream on a boundary (the last
+        line end of an event too long to keep, which came alone)."""
+        pending, self.pending = self.pending, b""
+        if not self._hide or not pending:
+            return b""
+        return pending if (sent[-3:] + pending[-3:]).endswith(EVENT_ENDS) else None
+
     def _counting(self, chunk: bytes) -> None:
         """Count the usage in ``chunk``; remember a short unfinished event, never copying the
         chunk (S4's reads hold a quarter of a megabyte)."""
