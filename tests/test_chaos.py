@@ -16,6 +16,7 @@ duplicate execution, a cleanly sent answer not delivered whole, or a connection 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -49,7 +50,10 @@ FAULTS = {  # fault: weight
     "stall_long": 5,  # silence beyond IDLE after `cut` bytes, then RST
     "reset_before_headers": 7,  # the request was read whole, then RST: it may have run
     "fin_after": 10,  # a complete answer, then FIN without Connection: close
+    "client_leaves": 8,  # an endless trickle of events; the client goes after the first bytes
 }
+TRICKLE = 0.01  # between the events of a stream the client leaves
+LEAVE_BOUND = 1.0  # the upstream connection is closed this soon after the client left
 _ERROR_EVENT = re.compile(rb"event: error\ndata: (\{[^\n]*\})\n\n\Z")
 
 
@@ -63,6 +67,7 @@ class Plan:
     fault: str
     cut: int  # body bytes written before a reset, FIN or long stall
     writes: list[int]  # offsets where the body is split into separate writes
+    leave_by: str = ""  # client_leaves: "fin" (close) or "reset" (RST)
 
 
 @dataclass
@@ -76,6 +81,12 @@ class Done:
 def draw_plan(rng: random.Random, rid: str) -> Plan:
     framing = rng.choice(["close", "chunked", "length"])
     sse = rng.random() < 0.7
+    fault = rng.choices(list(FAULTS), weights=list(FAULTS.values()))[0]
+    if fault == "client_leaves":  # 3 s of events if nobody stops it: the gateway must
+        events = [b"data: %b-%d\n\n" % (rid.encode(), j) for j in range(int(3 / TRICKLE))]
+        body = b"".join(events)
+        by = rng.choice(["fin", "reset"])
+        return Plan(framing, True, body, fault, len(body), [len(e) for e in events], by)
     events: list[bytes] = []
     if sse:
         events = [
@@ -86,7 +97,6 @@ def draw_plan(rng: random.Random, rid: str) -> Plan:
     else:
         size = rng.choice([rng.randrange(20, 3000), rng.randrange(70_000, 140_000)])
         body = json.dumps({"id": rid, "pad": "y" * size}).encode()
-    fault = rng.choices(list(FAULTS), weights=list(FAULTS.values()))[0]
     cut = rng.randrange(0, len(body))  # strictly inside the body: a fault is never after it
     if sse and rng.random() < 0.5:  # on an event boundary: after some events, before the last
         cut = rng.choice([0, *itertools.accumulate(len(e) for e in events[:-1])])
@@ -104,6 +114,7 @@ def reset(writer: asyncio.StreamWriter) -> None:
 class ChaosUpstream:
     plans: dict[str, Plan]
     executions: Counter[str] = field(default_factory=Counter)
+    gone: dict[str, float] = field(default_factory=dict)  # client_leaves: when it saw the close
     done: dict[str, Done] = field(default_factory=dict)
     open: int = 0
     url: str = ""
@@ -137,6 +148,36 @@ class ChaosUpstream:
             self.open -= 1
             self._closed.set()
 
+    async def _trickle(
+        self,
+        rid: str,
+        plan: Plan,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        done: Done,
+    ) -> None:
+        """One event per TRICKLE until the gateway closes the connection (its client left)."""
+        start = 0
+        try:
+            for size in plan.writes:
+                piece = plan.body[start : start + size]
+                start += size
+                if reader.at_eof() or writer.is_closing():
+                    break
+                writer.write(frame(plan.framing, piece))
+                done.sent += piece
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(TRICKLE):  # the pause, or the close ending it
+                        if not await reader.read(1):
+                            break
+            else:
+                return  # never closed: the whole body went out, and no clean end
+        except ConnectionError:
+            pass
+        self.gone[rid] = asyncio.get_running_loop().time()
+        writer.transport.abort()
+
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one request; False when the connection is over."""
         head = await reader.readuntil(b"\r\n\r\n")
@@ -159,6 +200,9 @@ class ChaosUpstream:
             "length": b"Content-Length: %d\r\n" % len(plan.body),
         }[plan.framing]
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %b\r\n%b\r\n" % (kind, framing))
+        if plan.fault == "client_leaves":
+            await self._trickle(rid, plan, reader, writer, done)
+            return False
         broken = plan.fault in ("reset", "fin", "stall_long")
         end = plan.cut if broken else len(plan.body)
         points = [p for p in plan.writes if p < end] + [end]
@@ -196,8 +240,18 @@ class ChaosUpstream:
         return True
 
 
-def classify(plan: Plan, done: Done | None, got: RawResponse) -> str:
+def classify(
+    plan: Plan, done: Done | None, got: RawResponse, left: float | None, gone: float | None
+) -> str:
     """The outcome's class; a name starting with ``BAD`` is a broken promise."""
+    if plan.fault == "client_leaves":
+        if done is None or got.status != 200 or not done.sent.startswith(got.body):
+            return "BAD before the client left"
+        if left is None or gone is None:
+            return "BAD upstream kept after the client left"
+        if gone - left > LEAVE_BOUND:
+            return f"BAD upstream closed {gone - left:.2f} s after the client left"
+        return f"client_left_{plan.leave_by}"
     if done is None:  # the upstream never read it whole: only a refusal is right
         return "refused_unsent" if got.status >= 500 else "BAD answered unsent"
     if got.status != 200:
@@ -255,22 +309,33 @@ async def test_seeded_chaos_never_truncates_corrupts_duplicates_or_leaks(
     try:
         gw = await make_gateway(edit)
         slots = asyncio.Semaphore(CONCURRENCY)
+        loop = asyncio.get_running_loop()
+
+        left: dict[str, float] = {}
 
         async def one(rid: str) -> RawResponse:
             async with slots:
                 client = await RawClient.post(
                     gw.url, "/v1/chat/completions", b"{}", {"X-Request-Id": rid}
                 )
-                return await client.finish()
+                plan = plans[rid]
+                if plan.fault != "client_leaves":
+                    return await client.finish()
+                await client.until(1)
+                if plan.leave_by == "reset":
+                    reset(client.writer)
+                else:
+                    client.writer.close()
+                left[rid] = loop.time()
+                return RawResponse(client.status, client.headers, bytes(client.body), False)
 
-        loop = asyncio.get_running_loop()
         start = loop.time()
         async with asyncio.timeout(40):
             answers = await asyncio.gather(*(one(rid) for rid in rids))
         elapsed = loop.time() - start
 
         outcomes = Counter(
-            classify(plans[rid], upstream.done.get(rid), got)
+            classify(plans[rid], upstream.done.get(rid), got, left.get(rid), upstream.gone.get(rid))
             for rid, got in zip(rids, answers, strict=True)
         )
         summary = dict(sorted(outcomes.items()))
@@ -283,6 +348,13 @@ async def test_seeded_chaos_never_truncates_corrupts_duplicates_or_leaks(
         assert outcomes["cut"] > 0 and outcomes["error_event_upstream_error"] > 0
         assert outcomes["error_event_upstream_idle_timeout"] > 0
         assert outcomes["refused_upstream_unreachable"] > 0
+        assert outcomes["client_left_fin"] > 0 and outcomes["client_left_reset"] > 0
+        for by in ("fin", "reset"):
+            lags = sorted(upstream.gone[r] - left[r] for r in left if plans[r].leave_by == by)
+            print(
+                f"client {by}: upstream closed {lags[len(lags) // 2] * 1000:.1f} ms (median), "
+                f"{lags[-1] * 1000:.1f} ms (max) after it left ({len(lags)} streams)"
+            )
 
         # nothing left open: no request in flight, no stream, no active upstream connection,
         # and the idle ones closed by the pool's timer
