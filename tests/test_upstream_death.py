@@ -2,8 +2,9 @@
 
 Every combination: framing (close-delimited, chunked, a Content-Length never reached) by how the
 connection ends (FIN, reset) by where (on an SSE event boundary, inside an event) by body type
-(SSE, JSON). The upstream is a raw socket; the client reads the gateway's answer off a raw
-socket too, so "clean end" means exactly: the terminating chunk (or the whole Content-Length).
+(SSE, JSON); and a small JSON answer (read whole before anything goes out) cut short. The
+upstream is a raw socket; the client reads the gateway's answer off a raw socket too, so
+"clean end" means exactly: the terminating chunk (or the whole Content-Length).
 """
 
 from __future__ import annotations
@@ -115,3 +116,24 @@ async def test_a_chunked_sse_body_that_ends_inside_an_event_is_cut(
     answer = await client.finish()
     assert answer.body == FIRST + OFF
     assert not answer.complete
+
+
+@pytest.mark.parametrize("fault", ["fin", "reset"])
+@pytest.mark.parametrize("boundary", [True, False])
+async def test_a_small_answer_cut_before_its_content_length_is_a_502_never_a_200(
+    make_gateway: GatewayFactory, upstream: DyingUpstream, fault: str, boundary: bool
+) -> None:
+    # a small Content-Length answer is read whole before anything goes out: cut short, the
+    # client gets the gateway's own error, not a 200 with part of a body
+    gw = await make_gateway(raw_route(upstream.url))
+    upstream.framing, upstream.fault = "small", fault
+    upstream.content_type = "application/json"
+    upstream.parts = [FIRST, ON if boundary else OFF]
+    upstream.go.set()
+    client = await RawClient.post(gw.url, "/raw/v1/chat/completions", b"{}")
+    answer = await client.finish()
+    assert answer.status == 502, answer
+    assert answer.complete
+    assert json.loads(answer.body)["error"]["code"] == "upstream_error"
+    assert answer.headers["x-request-id"]
+    assert upstream.requests == 1
