@@ -207,7 +207,10 @@ class Relay:
             stats.bytes += size
             self.bytes += size
             self._last = now
-            self._prev, self._tail = self._tail, chunk
+            if size >= 4:
+                self._prev, self._tail = self._tail, chunk
+            else:  # a tiny chunk: kept with the end of the last, so 4 adjacent bytes are known
+                self._tail = self._tail[-4:] + chunk
             try:
                 sink.write(chunk)
             except OSError:
