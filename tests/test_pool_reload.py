@@ -227,3 +227,23 @@ async def test_a_shorter_keepalive_given_back_after_a_longer_one_still_closes_on
         assert client.sizes() == {"r": (1, 0)}
     finally:
         await client.close()
+
+
+async def test_two_routes_to_one_upstream_keep_separate_pools(
+    cloud: FakeCloud, tmp_path: Path, ups: tuple[Upstream, Upstream]
+) -> None:
+    # "one pool per route": the gauge's route label is exact, and each route's pool_idle
+    # applies to its own connections only
+    up, _ = ups
+    cfg = config(cloud, up.url, 30)
+    cfg["routes"].append({**cfg["routes"][0], "name": "other", "path": "/v2"})
+    url, app, runner = await serve(cfg, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/v1/a", "/v2/a", "/v1/b", "/v2/b"):
+                async with http.post(url + path, data=b"{}") as resp:
+                    assert resp.status == 200
+        assert (up.opened, up.open) == (2, 2)  # one per route, each reused once
+        assert gauge(app, "idle") == 1
+    finally:
+        await runner.cleanup()
