@@ -289,9 +289,19 @@ def _path(s: _Section, name: str) -> Path | None:
     return Path(text) if text else None
 
 
+def _refresh_margin(s: _Section) -> float:
+    """``refresh_margin``: > 0, since the old token serves only while a refresh runs inside it
+    (at 0 the refresh would start at expiry, and requests would wait for IAM)."""
+    margin: float = s.convert("refresh_margin", 300.0, parse_duration)
+    if margin <= 0:
+        s.problem("refresh_margin", "must be > 0 (the old token serves while the refresh runs)")
+        return 300.0
+    return margin
+
+
 def _parse_iam_password(s: _Section, name: str) -> CredentialConfig:
     scope = _iam_scope(s)
-    margin = s.convert("refresh_margin", 300.0, parse_duration)
+    margin = _refresh_margin(s)
     return IamPasswordCredential(
         name=name,
         iam_url=scope.iam_url,
@@ -323,7 +333,7 @@ def _parse_agency(s: _Section, name: str) -> CredentialConfig:
         agency_name=s.string("agency_name", required=True),
         project=scope.project,
         project_id=scope.project_id,
-        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+        refresh_margin=_refresh_margin(s),
         region=scope.region,
         cache_file=_path(s, "cache_file"),
     )
@@ -345,7 +355,7 @@ def _parse_workload_identity(s: _Section, name: str) -> CredentialConfig:
         token_file=token_file or Path(),
         project=scope.project,
         project_id=scope.project_id,
-        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+        refresh_margin=_refresh_margin(s),
         region=scope.region,
     )
 
@@ -429,7 +439,7 @@ def _parse_ecs_metadata(s: _Section, name: str) -> EcsMetadataCredential:
     return EcsMetadataCredential(
         name=name,
         metadata_url=url,
-        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+        refresh_margin=_refresh_margin(s),
     )
 
 
@@ -453,7 +463,7 @@ def _parse_pod_identity(s: _Section, name: str, environ: Mapping[str, str]) -> C
         name=name,
         uri=uri or URL(),
         token_file=token_file or Path(),
-        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+        refresh_margin=_refresh_margin(s),
     )
 
 
