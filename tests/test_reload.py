@@ -774,3 +774,24 @@ async def test_removed_key_is_refused_on_its_next_request_even_on_a_kept_alive_c
         assert json.loads(second.body)["error"]["code"] == "invalid_api_key"
     finally:
         writer.close()
+
+
+async def test_key_request_counts_survive_a_reload_the_new_limit_applies_a_new_store_waits(
+    cloud: FakeCloud, live: LiveFactory
+) -> None:
+    config = team_config(cloud, cloud.service_url)
+    config["listen"]["api_keys"][0]["requests_per_minute"] = 2  # alice
+    gw = await live(config)
+    async with aiohttp.ClientSession() as http:
+        assert [await call(http, gw.url, ALICE) for _ in range(2)] == [200, 200]
+        raised = json.loads(json.dumps(config))
+        raised["listen"]["api_keys"][0]["requests_per_minute"] = 3
+        assert await gw.reload(raised)
+        # the two before the reload still count: one more, then the new limit refuses
+        assert [await call(http, gw.url, ALICE) for _ in range(2)] == [200, 429]
+        moved = json.loads(json.dumps(raised))
+        moved["limits_store"] = {"type": "redis", "url": "redis://:pw-not-logged@127.0.0.1:1/0"}
+        assert await gw.reload(moved)
+        line = await gw.records.wait("limits_store changed")
+        assert "needs a restart" in line and "pw-not-logged" not in line
+        assert await call(http, gw.url, ALICE) == 429, "still counted in memory, as before"

@@ -40,6 +40,7 @@ RESTART_KEYS = (
     "listen.header_timeout",
     "listen.keepalive_timeout",
     "listen.max_connections",
+    "limits_store",  # the store's counts and connection live as long as the process
 )
 
 
