@@ -26,6 +26,7 @@ import socket
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from conftest import GatewayFactory
@@ -240,6 +241,12 @@ class ChaosUpstream:
         return True
 
 
+def open_fds() -> int:
+    """File descriptors this process has open (Linux: /proc; elsewhere not checked)."""
+    fds = Path("/proc/self/fd")
+    return len(os.listdir(fds)) if fds.exists() else 0
+
+
 def classify(
     plan: Plan, done: Done | None, got: RawResponse, left: float | None, gone: float | None
 ) -> str:
@@ -310,6 +317,7 @@ async def test_seeded_chaos_never_truncates_corrupts_duplicates_or_leaks(
         gw = await make_gateway(edit)
         slots = asyncio.Semaphore(CONCURRENCY)
         loop = asyncio.get_running_loop()
+        fds_before = open_fds()
 
         left: dict[str, float] = {}
 
@@ -368,5 +376,9 @@ async def test_seeded_chaos_never_truncates_corrupts_duplicates_or_leaks(
         except TimeoutError:
             raise AssertionError(f"{upstream.open} upstream connections left open") from None
         assert gw.metric("gateway_upstream_connections", route="chaos", state="idle") == 0
+        # and no socket of any side left in this process (the gateway's client connections too)
+        fds_after = open_fds()
+        print(f"file descriptors: {fds_before} before, {fds_after} after")
+        assert fds_after <= fds_before, f"{fds_after - fds_before} file descriptors left open"
     finally:
         await upstream.close()
