@@ -33,6 +33,7 @@ from conftest import GatewayFactory
 from faulty_upstream import RawClient, RawResponse, frame
 
 from gateway.server.state import GATEWAY
+from gateway.testing import FakeCloud
 
 # CHAOS_SEED=N explores another run; the suite's run is always the same one
 SEED = int(os.environ.get("CHAOS_SEED", "20260903"))
@@ -53,6 +54,8 @@ FAULTS = {  # fault: weight
     "fin_after": 10,  # a complete answer, then FIN without Connection: close
     "client_leaves": 8,  # an endless trickle of events; the client goes after the first bytes
 }
+REVOKED = 0.08  # share of requests whose token the upstream refuses once (401): replayed once
+APIG_401 = b'{"error_code": "APIG.0307", "error_msg": "The token must be updated."}'
 TRICKLE = 0.01  # between the events of a stream the client leaves
 LEAVE_BOUND = 1.0  # the upstream connection is closed this soon after the client left
 _ERROR_EVENT = re.compile(rb"event: error\ndata: (\{[^\n]*\})\n\n\Z")
@@ -69,6 +72,7 @@ class Plan:
     cut: int  # body bytes written before a reset, FIN or long stall
     writes: list[int]  # offsets where the body is split into separate writes
     leave_by: str = ""  # client_leaves: "fin" (close) or "reset" (RST)
+    revoked: bool = False  # the first arrival gets a 401 (a token revoked): the gateway replays
 
 
 @dataclass
@@ -102,7 +106,7 @@ def draw_plan(rng: random.Random, rid: str) -> Plan:
     if sse and rng.random() < 0.5:  # on an event boundary: after some events, before the last
         cut = rng.choice([0, *itertools.accumulate(len(e) for e in events[:-1])])
     writes = sorted(rng.sample(range(1, len(body)), min(len(body) - 1, rng.randrange(0, 6))))
-    return Plan(framing, sse, body, fault, cut, writes)
+    return Plan(framing, sse, body, fault, cut, writes, revoked=rng.random() < REVOKED)
 
 
 def reset(writer: asyncio.StreamWriter) -> None:
@@ -116,6 +120,7 @@ class ChaosUpstream:
     plans: dict[str, Plan]
     executions: Counter[str] = field(default_factory=Counter)
     gone: dict[str, float] = field(default_factory=dict)  # client_leaves: when it saw the close
+    refused: set[str] = field(default_factory=set)  # revoked: answered 401 once (not executed)
     done: dict[str, Done] = field(default_factory=dict)
     open: int = 0
     url: str = ""
@@ -188,8 +193,16 @@ class ChaosUpstream:
             headers[name.strip().lower()] = value.strip().decode()
         await reader.readexactly(int(headers.get(b"content-length", "0")))
         rid = headers[b"x-request-id"]
-        self.executions[rid] += 1
         plan = self.plans[rid]
+        if plan.revoked and rid not in self.refused:  # APIG refuses it before the service runs
+            self.refused.add(rid)
+            writer.write(
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%b" % (len(APIG_401), APIG_401)
+            )
+            await writer.drain()
+            return True
+        self.executions[rid] += 1
         done = self.done[rid] = Done()
         if plan.fault == "reset_before_headers":
             reset(writer)
@@ -259,6 +272,8 @@ def classify(
         if gone - left > LEAVE_BOUND:
             return f"BAD upstream closed {gone - left:.2f} s after the client left"
         return f"client_left_{plan.leave_by}"
+    if plan.revoked and done is None:
+        return f"BAD 401 not replayed ({got.status})"
     if done is None:  # the upstream never read it whole: only a refusal is right
         return "refused_unsent" if got.status >= 500 else "BAD answered unsent"
     if got.status != 200:
@@ -286,7 +301,7 @@ def classify(
 
 
 async def test_seeded_chaos_never_truncates_corrupts_duplicates_or_leaks(
-    make_gateway: GatewayFactory,
+    make_gateway: GatewayFactory, cloud: FakeCloud
 ) -> None:
     rng = random.Random(SEED)
     rids = [f"chaos-{n:04d}" for n in range(REQUESTS)]
@@ -294,13 +309,12 @@ async def test_seeded_chaos_never_truncates_corrupts_duplicates_or_leaks(
     upstream = await ChaosUpstream(plans).start()
 
     def edit(config: dict[str, Any]) -> None:
-        config["credentials"]["open"] = {"type": "none"}
         config["routes"] = [
             {
                 "name": "chaos",
                 "path": "/v1",
                 "upstream": upstream.url,
-                "credential": "open",
+                "credential": "main",  # the fake IAM's token: a 401 makes it fetch a new one
                 "heartbeat": 0,
                 "max_concurrency": 1000,
                 "timeouts": {
@@ -351,6 +365,9 @@ async def test_seeded_chaos_never_truncates_corrupts_duplicates_or_leaks(
         assert not [o for o in outcomes if o.startswith("BAD")], outcomes
         duplicates = {rid: n for rid, n in upstream.executions.items() if n > 1}
         assert not duplicates, duplicates
+        revoked = {rid for rid in rids if plans[rid].revoked}
+        assert upstream.refused == revoked and revoked  # each refused once, then replayed
+        print(f"{len(revoked)} tokens refused once and replayed; IAM calls: {cloud.iam.calls}")
         # the run exercised what it claims: clean deliveries, cuts and error events, refusals
         assert outcomes["delivered"] > REQUESTS // 3
         assert outcomes["cut"] > 0 and outcomes["error_event_upstream_error"] > 0
