@@ -96,7 +96,7 @@ class TokenCache:
         """A token usable now, fetching one (or joining the fetch under way) when needed."""
         token = self.usable()
         if token is not None:
-            if self._now() >= token.expires_at - self._margin:
+            if self.due(token):
                 self._start_fetch()  # refresh in the background; the old token still serves
             return token
         flight = self._start_fetch()
@@ -113,6 +113,10 @@ class TokenCache:
             raise CredentialUnavailable(
                 f"credential {self.name!r} has no token: {exc.reason}"
             ) from None
+
+    def due(self, token: Token) -> bool:
+        """True from ``token``'s refresh point on (``expires_at - refresh_margin``)."""
+        return self._now() >= token.expires_at - self._margin
 
     def seed(self, token: Token) -> bool:
         """Adopt a token obtained elsewhere (an on-disk cache) if none is cached; True if used."""
