@@ -34,6 +34,9 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.load import ConfigError, parse_settings
+from gateway.config.model import IamPasswordCredential
+from gateway.config.risks import start_up_risks
+from gateway.server.supervisor import with_shared_cache
 from gateway.testing import FakeCloud
 
 WAIT = 10.0  # bound on something another process must do (shared, slow CI machines)
@@ -414,3 +417,19 @@ def test_metrics_port_plus_worker_index_over_65535_exits_2(
     result = run_gateway_cli("--config", str(path), "--workers", "2", env=dict(os.environ))
     assert result.returncode == 2
     assert "listen.metrics_port 65535 + worker index 1 is over 65535" in result.stderr
+
+
+def test_reuse_port_without_a_shared_cache_file_is_warned_about(
+    cloud: FakeCloud, tmp_path: Path
+) -> None:
+    config = base_config(cloud)
+    config["listen"]["reuse_port"] = True
+    (risk,) = start_up_risks(parse_settings(config, {}))
+    assert risk.startswith("listen.reuse_port is on and credentials.main has no cache_file")
+    config["credentials"]["main"]["cache_file"] = str(tmp_path / "main.json")
+    assert start_up_risks(parse_settings(config, {})) == []
+    # what a --workers supervisor hands its workers: a cache_file in its private directory
+    shared = with_shared_cache(parse_settings(base_config(cloud), {}), tmp_path)
+    main = shared.credentials["main"]
+    assert isinstance(main, IamPasswordCredential) and main.cache_file is not None
+    assert main.cache_file.parent == tmp_path
