@@ -189,13 +189,65 @@ for path, objs in docs.items():
             if not str(ep.get("path", "")).startswith("/"):
                 problems.append(f"{where}: spec.endpoints[{i}].path must start with /")
 
+# A workload_identity credential needs its token_file to be a projected service-account token
+# mounted into the gateway container, with an audience (IAM checks it against the identity
+# provider's client ID) and a lifetime; and such a manifest must hold no Secret at all.
+for path, objs in docs.items():
+    if path.parent.name != "kubernetes":
+        continue
+    configmaps = {o["metadata"]["name"]: o.get("data") or {} for o in objs
+                  if o.get("kind") == "ConfigMap"}
+    for dep in (o for o in objs if o.get("kind") == "Deployment"):
+        pod = dep["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in pod.get("initContainers", []) + pod.get("containers", []):
+            args = c.get("args", [])
+            if "--config" not in args:
+                continue
+            config_path = args[args.index("--config") + 1]
+            mounts = c.get("volumeMounts", [])
+            mount = next((m for m in mounts if config_path.startswith(m["mountPath"] + "/")), None)
+            cm_name = (volumes.get(mount["name"], {}).get("configMap") or {}).get("name") if mount else None
+            text = configmaps.get(cm_name, {}).get(pathlib.PurePosixPath(config_path).name)
+            if text is None:
+                continue
+            credentials = (yaml.safe_load(text) or {}).get("credentials") or {}
+            where = f"{path.relative_to(deploy)}: {dep['metadata']['name']}/{c['name']}"
+            for name, cred in credentials.items():
+                if not isinstance(cred, dict) or cred.get("type") != "workload_identity":
+                    continue
+                token_file = pathlib.PurePosixPath(str(cred.get("token_file", "")))
+                mount = next((m for m in mounts
+                              if token_file.parent == pathlib.PurePosixPath(m["mountPath"])), None)
+                sources = ((volumes.get(mount["name"]) or {}).get("projected") or {}).get(
+                    "sources", []) if mount else []
+                sat = next((s["serviceAccountToken"] for s in sources
+                            if "serviceAccountToken" in s
+                            and s["serviceAccountToken"].get("path") == token_file.name), None)
+                if sat is None:
+                    problems.append(f"{where}: credentials.{name}.token_file {token_file} is not "
+                                    "a projected serviceAccountToken mounted in this container")
+                    continue
+                if not sat.get("audience"):
+                    problems.append(f"{where}: the serviceAccountToken for credentials.{name} "
+                                    "has no audience (IAM's identity provider client ID)")
+                if int(sat.get("expirationSeconds", 0)) < 600:
+                    problems.append(f"{where}: the serviceAccountToken for credentials.{name} "
+                                    "needs expirationSeconds >= 600 (the Kubernetes minimum)")
+                if not dep["spec"]["template"]["spec"].get("serviceAccountName"):
+                    problems.append(f"{where}: workload identity needs a serviceAccountName "
+                                    "(IAM's identity conversion rule maps its sub)")
+                if any(o.get("kind") == "Secret" for o in objs):
+                    problems.append(f"{path.relative_to(deploy)}: uses workload identity but "
+                                    "holds a Secret: no stored credential is needed")
+
 for p in problems:
     print(p)
 sys.exit(1 if problems else 0)
 PY
-    ok "YAML/JSON parse, docker-compose.yaml and ServiceMonitor structure"
+    ok "YAML/JSON parse, docker-compose.yaml, ServiceMonitor and workload identity structure"
 else
-    fail "YAML/JSON parse, docker-compose.yaml and ServiceMonitor structure"
+    fail "YAML/JSON parse, docker-compose.yaml, ServiceMonitor and workload identity structure"
     indent <"$work/py.out"
 fi
 

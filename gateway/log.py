@@ -1,15 +1,24 @@
 """Logging: stderr, text or JSON, every line tagged with the request id.
 
 Nothing here logs a header value or a body; callers pass only names, numbers and fixed text.
+
+The access log is the one line written per request, so it does not go through ``logging``'s
+record, filter and formatter machinery (a LogRecord, ``time.strftime`` and a format per line)
+once :func:`setup_logging` has installed the gateway's handler: :func:`access` formats the line
+itself, exactly as the formatters would, with the time text cached per second, and writes it
+with one ``write``. Anywhere else (a test's log capture, a replaced handler) the line goes
+through ``logging`` as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -76,9 +85,61 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _Clock:
+    """Wall-clock text for log lines, formatted once a second rather than once a line."""
+
+    __slots__ = ("_convert", "_format", "_second", "_text")
+
+    def __init__(self, fmt: str, convert: Callable[[float], time.struct_time]) -> None:
+        self._format = fmt
+        self._convert = convert
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, now: float) -> str:
+        """``now`` as the formatters write it: the second's text, then milliseconds."""
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime(self._format, self._convert(second))
+        return self._text
+
+
+class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler of :func:`setup_logging`; it also writes access lines directly."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(sys.stderr)
+        self.json = fmt == "json"
+        # logging.Formatter's asctime: local time, "%Y-%m-%d %H:%M:%S" then ",%03d" ms;
+        # JsonFormatter's: UTC, "T", then ".%03dZ"
+        self.clock = (
+            _Clock("%Y-%m-%dT%H:%M:%S", time.gmtime)
+            if self.json
+            else _Clock("%Y-%m-%d %H:%M:%S", time.localtime)
+        )
+
+    def access_line(self, fields: dict[str, Any]) -> str:
+        """The line the handler's formatter would make of an access record with ``fields``."""
+        now = time.time()
+        ms = int((now - int(now)) * 1000)
+        rid = fields.get("request_id", "-")
+        if self.json:
+            entry = {
+                "time": f"{self.clock(now)}.{ms:03d}Z",
+                "level": "info",
+                "logger": "gateway.access",
+                "request_id": rid,
+            }
+            entry.update(fields)
+            return json.dumps(entry) + "\n"
+        text = " ".join([f"{k}={fields[k]}" for k in ACCESS_FIELDS[1:] if k in fields])
+        return f"{self.clock(now)},{ms:03d} INFO gateway.access [{rid}] {text}\n"
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Configure the root logger once, at start-up (never on import)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _GatewayHandler(fmt)
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -99,4 +160,22 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 
 def access(**fields: Any) -> None:
     """One access-log line; fields are names and numbers only, never header values or bodies."""
+    handlers = logging.root.handlers
+    if not ACCESS.isEnabledFor(logging.INFO):
+        return
+    if len(handlers) == 1 and not ACCESS.handlers and ACCESS.propagate:
+        handler = handlers[0]
+        if (
+            type(handler) is _GatewayHandler
+            and handler.level <= logging.INFO
+            and not handler.filters[1:]
+        ):
+            try:
+                line = handler.access_line(fields)
+                with handler.lock or contextlib.nullcontext():
+                    handler.stream.write(line)  # one write; stderr is line-buffered
+                    handler.stream.flush()
+                return
+            except Exception:  # e.g. stderr closed: logging's own handleError reports it
+                pass
     ACCESS.info("access", extra={"access": fields, "request_id": fields.get("request_id", "-")})

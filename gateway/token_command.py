@@ -23,6 +23,7 @@ from gateway.config.model import (
     Settings,
     StaticTokenCredential,
     TokenFileCredential,
+    WorkloadIdentityCredential,
 )
 from gateway.credentials import TokenSource, build_credentials
 from gateway.credentials.token_cache import Token
@@ -33,6 +34,7 @@ TOKEN_CONFIGS = (
     AgencyCredential,
     StaticTokenCredential,
     TokenFileCredential,
+    WorkloadIdentityCredential,
 )
 
 
@@ -46,7 +48,10 @@ def select(settings: Settings, credential: str | None) -> tuple[list[str], str |
     usable = token_credentials(settings.credentials)
     if credential is None:
         if not usable:
-            return [], "no credential in this config yields a token (iam_password, agency, token)"
+            return [], (
+                "no credential in this config yields a token "
+                "(iam_password, agency, token, workload_identity)"
+            )
         return usable, None
     if credential not in settings.credentials:
         known = ", ".join(settings.credentials) or "none defined"
@@ -54,7 +59,8 @@ def select(settings: Settings, credential: str | None) -> tuple[list[str], str |
     if credential not in usable:
         return [], (
             f"credential {credential!r} does not use IAM tokens; the token command works with "
-            f"iam_password, agency and token credentials ({', '.join(usable) or 'none here'})"
+            f"iam_password, agency, token and workload_identity credentials "
+            f"({', '.join(usable) or 'none here'})"
         )
     return [credential], None
 

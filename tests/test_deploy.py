@@ -270,8 +270,9 @@ def test_team_deployment_probes_readyz_for_readiness_and_healthz_for_liveness() 
         assert port == listen_port, f"{probe} port {http['port']} is not listen.port"
 
 
-def test_sidecar_probes_hit_the_loopback_listener() -> None:
-    manifest = DEPLOY / "kubernetes" / "sidecar.yaml"
+@pytest.mark.parametrize("name", ["sidecar.yaml", "sidecar-workload-identity.yaml"])
+def test_sidecar_probes_hit_the_loopback_listener(name: str) -> None:
+    manifest = DEPLOY / "kubernetes" / name
     (deployment,) = (d for d in load_all(manifest) if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
     container = gateway_container(pod)
@@ -301,6 +302,57 @@ def test_service_monitor_scrapes_metrics_from_the_service_port() -> None:
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["path"] == "/metrics"
         assert endpoint["port"] in port_names
+
+
+# ---- (c2) workload identity: no stored credential -------------------------------------------
+
+WI_MANIFEST = DEPLOY / "kubernetes" / "sidecar-workload-identity.yaml"
+
+
+def test_workload_identity_sidecar_stores_no_credential() -> None:
+    docs = load_all(WI_MANIFEST)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for key, _ in walk(docs):
+        assert key not in ("secretKeyRef", "secretRef", "secret"), key
+    (deployment,) = (d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    for container in pod["initContainers"] + pod["containers"]:
+        for env in container.get("env", []):
+            if re.search(r"PASSWORD|SECRET|_SK$|_AK$|KEY|TOKEN", env["name"]):
+                # the OpenAI SDK insists on a key; the gateway ignores and strips it
+                assert (env["name"], env.get("value")) == ("OPENAI_API_KEY", "unused"), env
+    config = gateway_config(WI_MANIFEST, deployment["spec"]["template"]["spec"])
+    assert {c["type"] for c in config["credentials"].values()} == {"workload_identity"}
+    assert "password" not in json.dumps(config)
+
+
+def test_workload_identity_token_file_is_a_projected_token_only_the_gateway_mounts() -> None:
+    docs = load_all(WI_MANIFEST)
+    (deployment,) = (d for d in docs if d["kind"] == "Deployment")
+    (account,) = (d for d in docs if d["kind"] == "ServiceAccount")
+    pod = deployment["spec"]["template"]["spec"]
+    # IAM's identity conversion rule maps this account's sub; no Kubernetes API token besides
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is False
+    assert account["automountServiceAccountToken"] is False
+    (credential,) = gateway_config(WI_MANIFEST, pod)["credentials"].values()
+    token_file = Path(credential["token_file"])
+    container = gateway_container(pod)
+    (mount,) = (m for m in container["volumeMounts"] if Path(m["mountPath"]) == token_file.parent)
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    (source,) = volume["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert token["path"] == token_file.name
+    assert token["audience"]  # the IAM identity provider's client ID
+    assert 600 <= token["expirationSeconds"] <= 86400  # Kubernetes bounds (min 10 min)
+    others = [c for c in pod["initContainers"] + pod["containers"] if c is not container]
+    for other in others:
+        assert mount["name"] not in {m["name"] for m in other.get("volumeMounts", [])}
+    # the IAM set-up the comments describe names the same audience and account
+    text = WI_MANIFEST.read_text()
+    assert f"Client ID:              {token['audience']}" in text
+    assert f"system:serviceaccount:<namespace>:{account['metadata']['name']}" in text
 
 
 # ---- (d) parsing ---------------------------------------------------------------------------------

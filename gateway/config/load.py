@@ -35,6 +35,7 @@ from gateway.config.model import (
     StaticTokenCredential,
     Timeouts,
     TokenFileCredential,
+    WorkloadIdentityCredential,
 )
 from gateway.config.units import parse_duration, parse_size
 from gateway.proxy.guard import check_exposure
@@ -326,6 +327,27 @@ def _parse_agency(s: _Section, name: str) -> CredentialConfig:
     )
 
 
+def _parse_workload_identity(s: _Section, name: str) -> CredentialConfig:
+    """Only names the file: it is read at every fetch (the kubelet rotates it), never here."""
+    scope = _iam_scope(s)
+    token_file = _path(s, "token_file")
+    if token_file is None and not s.has("token_file"):
+        s.problem("token_file", "is required (the projected service-account token's path)")
+    idp_id = s.string("idp_id", required=True)
+    if idp_id and not (idp_id.isprintable() and idp_id.isascii() and " " not in idp_id):
+        s.problem("idp_id", "must be an identity provider name (no spaces or control characters)")
+    return WorkloadIdentityCredential(
+        name=name,
+        iam_url=scope.iam_url,
+        idp_id=idp_id,
+        token_file=token_file or Path(),
+        project=scope.project,
+        project_id=scope.project_id,
+        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+        region=scope.region,
+    )
+
+
 def _parse_token(s: _Section, name: str) -> CredentialConfig:
     if s.has("token") and s.has("token_file"):
         s.used.add("token")
@@ -380,6 +402,7 @@ CREDENTIAL_TYPES: dict[str, Callable[[_Section, str], CredentialConfig]] = {
     "aksk": _parse_aksk,
     "app_aksk": _parse_app_aksk,
     "agency": _parse_agency,
+    "workload_identity": _parse_workload_identity,
 }
 
 

@@ -78,6 +78,21 @@ class IamPasswordCredential:
 
 
 @dataclass(frozen=True)
+class WorkloadIdentityCredential:
+    """A Kubernetes service-account token (OIDC) exchanged for a project token (CCE workload
+    identity): ``POST /v3.0/OS-AUTH/id-token/tokens`` with ``X-Idp-Id``."""
+
+    name: str
+    iam_url: URL
+    idp_id: str  # the IAM identity provider registered for the cluster
+    token_file: Path  # a projected service-account token, read at every fetch
+    project: str | None
+    project_id: str | None
+    refresh_margin: float = 300.0
+    region: str | None = None
+
+
+@dataclass(frozen=True)
 class StaticTokenCredential:
     name: str
     token: Secret
@@ -158,9 +173,10 @@ CredentialConfig = (
     | AkSkCredential
     | AppAkSkCredential
     | AgencyCredential
+    | WorkloadIdentityCredential
 )
 # Types whose credential yields an IAM token, so an agency may use it as ``via``.
-TOKEN_CREDENTIAL_TYPES = ("iam_password", "agency", "token")
+TOKEN_CREDENTIAL_TYPES = ("iam_password", "agency", "token", "workload_identity")
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,14 @@ from gateway.config.model import (
     NoCredential,
     StaticTokenCredential,
     TokenFileCredential,
+    WorkloadIdentityCredential,
 )
 from gateway.credentials.aksk import Signer
 from gateway.credentials.base import Credential, Outgoing, TokenSource
 from gateway.credentials.iam import Agency, IamPassword
 from gateway.credentials.static import ApiKey, AppCode, NoAuth, StaticToken, TokenFile
 from gateway.credentials.token_cache import RefreshListener
+from gateway.credentials.workload_identity import WorkloadIdentity
 
 __all__ = ["Credential", "Outgoing", "TokenSource", "build_credential", "build_credentials"]
 
@@ -57,6 +59,8 @@ def build_credential(
             return Signer(cfg.name, cfg.ak, cfg.sk, cfg.security_token)
         case AppAkSkCredential():
             return Signer(cfg.name, cfg.app_key, cfg.app_secret)
+        case WorkloadIdentityCredential():
+            return WorkloadIdentity(cfg, session, on_refresh)
         case NoCredential():
             return NoAuth(cfg.name)
     raise TypeError(f"unsupported credential config {type(cfg).__name__}")

@@ -49,9 +49,13 @@ async def request_token(
     iam_url: str,
     body: dict[str, Any],
     headers: dict[str, str] | None = None,
+    *,
+    path: str = "/v3/auth/tokens?nocatalog=true",
+    origin: str = "IAM",
 ) -> Token:
-    """One ``POST /v3/auth/tokens``; every failure becomes a FetchFailed with a safe reason."""
-    url = iam_url.rstrip("/") + "/v3/auth/tokens?nocatalog=true"
+    """One token request (``POST /v3/auth/tokens`` unless ``path`` says otherwise); every
+    failure becomes a FetchFailed with a safe reason."""
+    url = iam_url.rstrip("/") + path
     try:
         async with session.post(
             url,
@@ -88,14 +92,19 @@ async def request_token(
         expires_at=expires_at,
         project=project_name,
         project_id=project_id,
-        origin="IAM",
+        origin=origin,
     )
 
 
 def _iam_message(payload: bytes) -> str:
-    """IAM's own error message (never contains the request's secrets), shortened."""
+    """IAM's own error message (never contains the request's secrets), shortened.
+
+    Keystone-style APIs answer ``{"error": {"message"}}``; IAM's ``/v3.0`` APIs answer
+    ``{"error_msg", "error_code"}``.
+    """
     try:
-        message = json.loads(payload)["error"]["message"]
+        body = json.loads(payload)
+        message = body["error"]["message"] if "error" in body else body["error_msg"]
     except (ValueError, KeyError, TypeError):
         return ""
     return f": {str(message)[:160]}"

@@ -19,6 +19,7 @@ from aiohttp import web
 from gateway.testing.common import SSE_CONTENT_TYPE, serve_on_loopback
 from gateway.testing.iam import FakeIAM
 from gateway.testing.modelarts import FakeModelArts
+from gateway.testing.oidc import OidcProvider
 from gateway.testing.script import RecordedRequest, Script
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "FakeCloud",
     "FakeIAM",
     "FakeModelArts",
+    "OidcProvider",
     "RecordedRequest",
     "Script",
     "serve_on_loopback",
@@ -51,6 +53,16 @@ class FakeCloud:
             "domain": self.iam.domain,
             "user": self.iam.user,
             "password": self.iam.password,
+            "project": next(iter(self.iam.projects)),
+        }
+
+    def workload_identity_config(self, token_file: str) -> dict[str, Any]:
+        """A gateway ``workload_identity`` credential (as parsed YAML) for this cloud's cluster."""
+        return {
+            "type": "workload_identity",
+            "iam_url": self.iam_url,
+            "idp_id": self.iam.provider.idp_id,
+            "token_file": token_file,
             "project": next(iter(self.iam.projects)),
         }
 

@@ -7,7 +7,7 @@ import json
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.testing.common import Json, json_obj, json_str, stable_id
+from gateway.testing.oidc import InvalidIdToken, OidcProvider
 
 # IAM answers a wrong domain, user or password with this exact body (Keystone-style error object
 # that Huawei IAM's /v3/auth/tokens inherits; the text is what IAM returns for bad credentials).
@@ -60,6 +61,20 @@ def _mask_passwords(value: Any) -> Any:
     return value
 
 
+def _v3_error(status: int, code: str, message: str) -> web.Response:
+    """An error of IAM's ``/v3.0`` APIs: ``{"error_msg", "error_code"}`` (e.g. ``IAM.0004``)."""
+    return web.json_response({"error_msg": message, "error_code": code}, status=status)
+
+
+def _mask_id_token(body: Json) -> Json:
+    """Copy a CreateTokenWithIdToken body with ``auth.id_token.id`` replaced by ``"***"``."""
+    auth = json_obj(body, "auth")
+    if json_obj(auth, "id_token") is None:
+        return dict(body)
+    assert auth is not None
+    return {**body, "auth": {**auth, "id_token": {**auth["id_token"], "id": "***"}}}
+
+
 class _BadRequest(Exception):
     """A malformed token request; the message goes into IAM's 400 body."""
 
@@ -67,6 +82,16 @@ class _BadRequest(Exception):
 @dataclass
 class _Issued:
     expires_at: float
+    scoped: bool = True  # an unscoped token "cannot be used for authentication" (iam_13_0606)
+
+
+@dataclass(frozen=True)
+class IdTokenRequest:
+    """What one ``POST /v3.0/OS-AUTH/id-token/tokens`` carried (the fake keeps the id token)."""
+
+    idp_id: str
+    id_token: str = field(repr=False)
+    scope: Json | None
 
 
 class FakeIAM:
@@ -86,6 +111,7 @@ class FakeIAM:
         projects: Mapping[str, str] | None = None,
         agencies: Mapping[str, str] | None = None,
         token_lifetime: float = 86400.0,
+        providers: tuple[OidcProvider, ...] | None = None,
     ) -> None:
         self.domain = domain
         self.user = user
@@ -101,6 +127,10 @@ class FakeIAM:
             agencies if agencies is not None else {"modelarts-agency": "other-account"}
         )
         self.token_lifetime = token_lifetime
+        self.providers: dict[str, OidcProvider] = {
+            p.idp_id: p for p in (providers if providers is not None else (OidcProvider(),))
+        }
+        self.id_token_requests: list[IdTokenRequest] = []
         self.calls = 0
         self.failures: list[int] = []
         self.delay = 0.0
@@ -108,11 +138,17 @@ class FakeIAM:
         self._tokens: dict[str, _Issued] = {}
         self.app = web.Application()
         self.app.router.add_post("/v3/auth/tokens", self._tokens_handler)
+        self.app.router.add_post("/v3.0/OS-AUTH/id-token/tokens", self._id_token_handler)
+
+    @property
+    def provider(self) -> OidcProvider:
+        """The first identity provider (the cluster most tests use)."""
+        return next(iter(self.providers.values()))
 
     def is_valid(self, token: str) -> bool:
-        """True if this IAM issued ``token``, it was not revoked, and it has not expired."""
+        """True if this IAM issued ``token`` with a scope, it was not revoked or expired."""
         issued = self._tokens.get(token)
-        return issued is not None and time.time() < issued.expires_at
+        return issued is not None and issued.scoped and time.time() < issued.expires_at
 
     def revoke_all(self) -> None:
         """Invalidate every issued token, as a password change does before ``expires_at``."""
@@ -231,6 +267,60 @@ class FakeIAM:
         }
         return self._token_response(request, ["assume_role"], project, user_obj, lifetime)
 
+    async def _id_token_handler(self, request: web.Request) -> web.Response:
+        """CreateTokenWithIdToken (iam_13_0605): ``X-Idp-Id`` names an OpenID Connect identity
+        provider; ``auth.id_token.id`` is the IdP's ID token; ``auth.scope`` is optional (no
+        scope: an unscoped token). 201, the token in ``X-Subject-Token``, ``{"token": {...}}``
+        with ``methods: ["mapped"]`` and the federated user (``OS-FEDERATION``)."""
+        self.calls += 1
+        raw = await request.read()
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = None
+        auth = json_obj(body, "auth")
+        id_token = json_str(json_obj(auth, "id_token"), "id")
+        scope = json_obj(auth, "scope")
+        idp_id = request.headers.get("X-Idp-Id", "")
+        self.requests.append(_mask_id_token(body) if isinstance(body, dict) else {})
+        self.id_token_requests.append(IdTokenRequest(idp_id, id_token or "", scope))
+        failure = self.failures.pop(0) if self.failures else None
+        if self.delay > 0:
+            await asyncio.sleep(self.delay)
+        if failure is not None:
+            return _v3_error(failure, "IAM.0006", "The service is temporarily unavailable.")
+        if not idp_id:
+            return _v3_error(400, "IAM.0007", "Request header 'X-Idp-Id' is required.")
+        if id_token is None:
+            return _v3_error(400, "IAM.0007", "Invalid input for field 'auth.id_token.id'.")
+        provider = self.providers.get(idp_id)
+        if provider is None:
+            return _v3_error(404, "IAM.0004", f"Could not find identity provider: {idp_id}.")
+        try:
+            claims = provider.verify(id_token)
+        except InvalidIdToken as exc:
+            return _v3_error(401, "IAM.0002", f"Authentication failed: {exc}.")
+        project: tuple[str, str] | None = None
+        if scope is not None and json_obj(scope, "project") is not None:
+            try:
+                project = self._scoped_project(auth)
+            except _BadRequest as exc:
+                return _v3_error(400, "IAM.0007", str(exc))
+            if project is None:
+                return _v3_error(401, "IAM.0002", _IAM_REQUIRES_AUTH)
+        user_obj = self._user_obj(
+            stable_id("federated", f"{idp_id}/{claims['sub']}"),
+            "FederationUser",
+            self.domain_id,
+            self.domain,
+        )
+        user_obj["OS-FEDERATION"] = {
+            "identity_provider": {"id": idp_id},
+            "protocol": {"id": "oidc"},
+            "groups": [{"id": stable_id("group", provider.group), "name": provider.group}],
+        }
+        return self._token_response(request, ["mapped"], project, user_obj, self.token_lifetime)
+
     @staticmethod
     def _user_obj(user_id: str, name: str, domain_id: str, domain_name: str) -> Json:
         return {
@@ -244,26 +334,29 @@ class FakeIAM:
         self,
         request: web.Request,
         methods: list[str],
-        project: tuple[str, str],
+        project: tuple[str, str] | None,
         user_obj: Json,
         lifetime: float,
     ) -> web.Response:
         now = time.time()
         # Real tokens are long PKI blobs starting "MII" (doc example "MIIatAYJKoZIhvcNAQcCoIIa...").
         token = "MIIatAYJKoZIhvcNAQcCoII" + secrets.token_urlsafe(1536)
-        self._tokens[token] = _Issued(expires_at=now + lifetime)
-        project_name, project_id = project
+        self._tokens[token] = _Issued(expires_at=now + lifetime, scoped=project is not None)
         assumed_by = user_obj.pop("assumed_by", None)
         domain = user_obj["domain"]
         token_body: Json = {
-            "catalog": [] if "nocatalog" in request.query else self._catalog(project_name),
             "expires_at": _iam_time(now + lifetime),
             "issued_at": _iam_time(now),
             "methods": methods,
-            "project": {"domain": dict(domain), "id": project_id, "name": project_name},
-            "roles": [{"id": "0", "name": "op_auth"}, {"id": "1", "name": "te_admin"}],
             "user": user_obj,
         }
+        if project is not None:  # an unscoped token has no project, roles or catalog
+            project_name, project_id = project
+            token_body["catalog"] = (
+                [] if "nocatalog" in request.query else self._catalog(project_name)
+            )
+            token_body["project"] = {"domain": dict(domain), "id": project_id, "name": project_name}
+            token_body["roles"] = [{"id": "0", "name": "op_auth"}, {"id": "1", "name": "te_admin"}]
         if assumed_by is not None:
             token_body["assumed_by"] = assumed_by
         return web.json_response(
