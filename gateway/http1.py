@@ -110,6 +110,7 @@ class _Connection(asyncio.Protocol):
         self._should_close = False
         self._reading_paused = False
         self.idle_since = 0.0
+        self._poller: Any = None  # select.poll with this socket registered, made at first use
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -192,11 +193,13 @@ class _Connection(asyncio.Protocol):
         for; either way it must not carry another request (urllib3 checks the same way).
         """
         assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        poller = self._poller
+        if poller is None:  # once per connection: one poll(2) per reuse after that
+            sock = self.transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
     async def exchange(
