@@ -47,7 +47,7 @@ from gateway.proxy.redact import config_secrets, sent_secrets
 from gateway.proxy.response import is_small, relay_body, whole
 from gateway.proxy.routing import PathGroup, Router, check_method
 from gateway.proxy.sse import Relay
-from gateway.proxy.target import Target, UpstreamBase, parse_target, without_keys
+from gateway.proxy.target import Target, Targets, UpstreamBase, without_keys
 from gateway.proxy.upstream import send
 
 log = logging.getLogger("gateway.proxy")
@@ -79,6 +79,7 @@ class Proxy:
             if k.max_concurrency
         }
         self.bases = {r.name: UpstreamBase(r.upstream) for r in settings.routes}
+        self.targets = Targets()  # parse_target, remembered per proxy
         self.secrets = config_secrets(settings.credentials)
         self.trust_forwarded = settings.listen.trust_forwarded
         self.key_digests = frozenset(k.sha256 for k in settings.listen.api_keys)
@@ -166,7 +167,7 @@ class Proxy:
     ) -> web.StreamResponse:
         if self.draining:
             raise ServiceUnavailable("the gateway is shutting down; retry on another instance")
-        target = parse_target(request.raw_path)
+        target = self.targets(request.raw_path)
         if self.key_digests and target.query:
             target = replace(target, query=without_keys(target.query, self.key_digests))
         group = self.router.match(target.path)
