@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import select
 import ssl
-import time
 from collections import deque
 from typing import Any, cast
 
@@ -25,15 +24,17 @@ from yarl import URL
 from gateway._aiohttp import finish, parse, response_parser
 
 READ_BUFSIZE = 2**16
-# An idle connection is not reused after this long: upstreams and the load balancers in front
-# of them close idle connections after a while, and a stale one costs a failed write.
+# An idle connection is closed after this long (a timer, not only when the next request looks):
+# upstreams and the load balancers in front of them close idle connections after a while, and
+# closing first keeps the stale keep-alive race rare (issue 9). Routes set it (timeouts.pool_idle).
 KEEPALIVE = 15.0
-MAX_IDLE_PER_HOST = 256
+# Idle connections kept per pool; a connection finished beyond that is closed.
+MAX_IDLE_PER_POOL = 256
 # Sent once more when a reused connection closes before answering: the upstream may have acted
 # on the request, which is harmless only for these (nginx and Go's client draw the same line).
 IDEMPOTENT = frozenset({"GET", "HEAD"})
 
-ConnKey = tuple[str, str, int]
+ConnKey = tuple[str, str, str, int]  # (pool, scheme, host, port); a pool is a route
 
 
 class ConnectFailed(OSError):
@@ -99,9 +100,10 @@ class UpstreamResponse:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; the StreamReader's flow control drives its reading."""
 
-    def __init__(self, pool: UpstreamClient, key: ConnKey) -> None:
+    def __init__(self, pool: UpstreamClient, key: ConnKey, keepalive: float) -> None:
         self._pool = pool
         self.key = key
+        self.keepalive = keepalive
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._parser: Any = None
@@ -109,7 +111,7 @@ class _Connection(asyncio.Protocol):
         self._payload: aiohttp.StreamReader | None = None
         self._should_close = False
         self._reading_paused = False
-        self.idle_since = 0.0
+        self.expires_at = 0.0  # loop time after which this idle connection is closed
         self._poller: Any = None  # select.poll with this socket registered, made at first use
 
     # --- asyncio.Protocol ------------------------------------------------------------------
@@ -130,7 +132,10 @@ class _Connection(asyncio.Protocol):
             self._fail(BadResponse("the upstream's answer could not be parsed"))
             return
         for message, payload in messages:
-            if 100 <= message.code < 200 and message.code != 101:
+            if message.code == 101:  # never asked for (no Upgrade is forwarded): not an answer
+                self._fail(BadResponse("the upstream switched protocols unasked"))
+                return
+            if 100 <= message.code < 200:
                 continue  # an interim answer; the real one follows on the same connection
             if message.should_close:
                 self._should_close = True
@@ -257,10 +262,13 @@ class _Connection(asyncio.Protocol):
 class UpstreamClient:
     """Keep-alive connections per (scheme, host, port); requests go out as prepared bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_idle: int = MAX_IDLE_PER_POOL) -> None:
         self._idle: dict[ConnKey, deque[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._ssl: ssl.SSLContext | None = None
+        self._max_idle = max_idle
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweep: asyncio.TimerHandle | None = None  # the next idle expiry, if any
 
     async def request(
         self,
@@ -269,8 +277,13 @@ class UpstreamClient:
         headers: CIMultiDict[str],
         body: bytes,
         connect_timeout: float,
+        pool: str = "",
+        keepalive: float = KEEPALIVE,
     ) -> UpstreamResponse:
         """Send a request and return once the response headers are in.
+
+        Connections are pooled per ``pool`` (the gateway passes the route's name) and closed
+        after ``keepalive`` seconds unused.
 
         A connection the upstream closed while it was idle is noticed before reuse (EOF already
         in its socket) and not used. If a reused connection still closes before answering, the
@@ -278,13 +291,14 @@ class UpstreamClient:
         failed (the upstream never had the whole request), or the method is idempotent. A POST
         the upstream may have read and started is never run twice (issue 9).
         """
-        key = (url.scheme, url.host or "", url.port or (443 if url.scheme == "https" else 80))
+        port = url.port or (443 if url.scheme == "https" else 80)
+        key = (pool, url.scheme, url.host or "", port)
         head = _request_head(method, url, headers, body)
         for attempt in (1, 2):
             conn = self._take(key)
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(key, connect_timeout)
+                conn = await self._connect(key, connect_timeout, keepalive)
             try:
                 message, payload = await conn.exchange(head, body, method)
             except NotSent:
@@ -299,6 +313,9 @@ class UpstreamClient:
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for conn in list(self._all):
             conn.close()
         self._all.clear()
@@ -306,23 +323,58 @@ class UpstreamClient:
 
     # --- the pool ---------------------------------------------------------------------------
 
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """Open connections per pool as (idle, active), for the metrics (read at scrape time)."""
+        out: dict[str, tuple[int, int]] = {}
+        for conn in self._all:
+            idle, active = out.get(conn.key[0], (0, 0))
+            out[conn.key[0]] = (idle, active + 1)
+        for key, conns in self._idle.items():
+            idle, active = out.get(key[0], (0, 0))
+            out[key[0]] = (idle + len(conns), active - len(conns))
+        return out
+
     def _take(self, key: ConnKey) -> _Connection | None:
         idle = self._idle.get(key)
-        now = time.monotonic()
+        now = self._loop.time() if self._loop is not None else 0.0
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be stale
-            if conn.usable and now - conn.idle_since < KEEPALIVE and not conn.peer_closed():
+            if conn.usable and now < conn.expires_at and not conn.peer_closed():
                 return conn
             conn.close()
         return None
 
     def give_back(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, deque())
-        if len(idle) >= MAX_IDLE_PER_HOST:
+        if len(idle) >= self._max_idle:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
-        idle.append(conn)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        conn.expires_at = expires = loop.time() + conn.keepalive
+        idle.append(conn)  # newest on the right: each deque is ordered by expiry
+        sweep = self._sweep
+        if sweep is None:
+            self._sweep = loop.call_at(expires, self._expire)
+        elif sweep.when() > expires:  # a pool with a shorter keepalive than the one scheduled
+            sweep.cancel()
+            self._sweep = loop.call_at(expires, self._expire)
+
+    def _expire(self) -> None:
+        """Close every idle connection past its time; one timer for the whole client, set for
+        the next expiry, so an idle connection is closed on time even with no traffic at all."""
+        self._sweep = None
+        assert self._loop is not None
+        now = self._loop.time()
+        due: float | None = None
+        for idle in self._idle.values():
+            while idle and idle[0].expires_at <= now:
+                idle.popleft().close()
+            if idle and (due is None or idle[0].expires_at < due):
+                due = idle[0].expires_at
+        if due is not None:
+            self._sweep = self._loop.call_at(due, self._expire)
 
     def forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
@@ -330,10 +382,12 @@ class UpstreamClient:
         if idle is not None and conn in idle:
             idle.remove(conn)
 
-    async def _connect(self, key: ConnKey, connect_timeout: float) -> _Connection:
-        scheme, host, port = key
-        loop = asyncio.get_running_loop()
-        conn = _Connection(self, key)
+    async def _connect(
+        self, key: ConnKey, connect_timeout: float, keepalive: float = KEEPALIVE
+    ) -> _Connection:
+        _, scheme, host, port = key
+        loop = self._loop = asyncio.get_running_loop()
+        conn = _Connection(self, key, keepalive)
         tls: ssl.SSLContext | None = None
         if scheme == "https":
             if self._ssl is None:

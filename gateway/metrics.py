@@ -9,11 +9,16 @@ plain per-route counters that a collector reads at scrape time: a prometheus_cli
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
@@ -109,6 +114,32 @@ class _ChunkCollector(Collector):
         return iter(())
 
 
+class _PoolCollector(Collector):
+    """``gateway_upstream_connections{route,state}``, counted from the pool at scrape time."""
+
+    def __init__(
+        self, routes: Iterable[str], sizes: Callable[[], Mapping[str, tuple[int, int]]]
+    ) -> None:
+        self._routes = tuple(routes)
+        self._sizes = sizes
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "gateway_upstream_connections",
+            "Open upstream connections by route: idle in the pool, or carrying a request.",
+            labels=["route", "state"],
+        )
+        sizes = self._sizes()
+        for route in self._routes:
+            idle, active = sizes.get(route, (0, 0))
+            family.add_metric([route, "idle"], idle)
+            family.add_metric([route, "active"], active)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class Metrics:
     """Every collector the gateway exports, registered on ``registry``."""
 
@@ -186,6 +217,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+    def watch_pool(
+        self, routes: Iterable[str], sizes: Callable[[], Mapping[str, tuple[int, int]]]
+    ) -> None:
+        """Export the upstream pool's size per route (``sizes``: route → (idle, active))."""
+        self.registry.register(_PoolCollector(routes, sizes))
 
     def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock and builds a key on

@@ -113,13 +113,16 @@ class RawClient:
         self._length: int | None = None
 
     @classmethod
-    async def post(cls, url: str, path: str, body: bytes) -> RawClient:
+    async def post(
+        cls, url: str, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> RawClient:
         host, _, port = url.removeprefix("http://").partition(":")
         reader, writer = await asyncio.open_connection(host, int(port))
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         writer.write(
             b"POST %b HTTP/1.1\r\nHost: %b:%b\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%b"
-            % (path.encode(), host.encode(), port.encode(), len(body), body)
+            b"%bContent-Length: %d\r\n\r\n%b"
+            % (path.encode(), host.encode(), port.encode(), extra.encode(), len(body), body)
         )
         client = cls(reader, writer)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RAW_WAIT)

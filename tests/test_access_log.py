@@ -85,33 +85,48 @@ def formatted(fields: dict[str, Any]) -> str:
     return handler.format(record)
 
 
+OPTIONAL = [{}, {"upstream_request_id": "apig-req-42"}, {"key": None}]
+
+
+def fields_with(extra: dict[str, Any]) -> dict[str, Any]:
+    """FIELDS plus ``extra``; a None value leaves that field out."""
+    fields = {**FIELDS, **extra}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+@pytest.mark.parametrize("extra", OPTIONAL)
 @pytest.mark.usefixtures("restore_logging")
 def test_text_access_line_is_the_formatters_line_in_one_write(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]
 ) -> None:
+    fields = fields_with(extra)
     stream = installed(monkeypatch, "text")
     before = time.time()
-    gwlog.access(**FIELDS)
-    assert stream.writes == 1
-    line = stream.getvalue()
-    assert line.endswith("\n") and line.count("\n") == 1
-    expected = formatted(FIELDS)
+    gwlog.access(**fields)
+    gwlog.access(**FIELDS)  # another set of fields next: each gets its own format
+    assert stream.writes == 2
+    line, other = stream.getvalue().splitlines(keepends=True)
+    assert line.endswith("\n")
+    assert other[24:-1] == formatted(FIELDS)[24:]
+    expected = formatted(fields)
     assert TEXT_STAMP.match(line) and TEXT_STAMP.match(expected)
     assert line[24:-1] == expected[24:]  # all but the time: same level, logger, id, fields
     stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
     assert before - 0.002 <= stamp <= time.time() + 0.002  # local time, like asctime
 
 
+@pytest.mark.parametrize("extra", OPTIONAL)
 @pytest.mark.usefixtures("restore_logging")
 def test_json_access_line_is_the_formatters_line_in_one_write(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]
 ) -> None:
+    fields = fields_with(extra)
     stream = installed(monkeypatch, "json")
-    gwlog.access(**FIELDS)
-    gwlog.access(**{**FIELDS, "request_id": "rid-124"})
+    gwlog.access(**fields)
+    gwlog.access(**{**fields, "request_id": "rid-124"})
     assert stream.writes == 2
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
-    expected = json.loads(formatted(FIELDS))
+    expected = json.loads(formatted(fields))
     assert list(first) == list(expected)  # same keys in the same order
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first.pop("time"))
     expected.pop("time")

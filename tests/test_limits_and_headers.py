@@ -59,6 +59,12 @@ def with_models(*models: str) -> Any:
     return edit
 
 
+def with_two_model_routes(config: dict[str, Any]) -> None:
+    """Two routes on /v1, neither ``default``: a body must name its model (issue 9, item 6)."""
+    config["routes"][0]["models"] = [MODEL]
+    config["routes"].append(dict(config["routes"][0], name="other", models=["other"]))
+
+
 # --- 413 ----------------------------------------------------------------------------------------
 
 
@@ -154,7 +160,7 @@ async def test_requests_beyond_max_concurrency_get_429_with_retry_after(
 async def test_bad_json_when_routing_must_read_the_body_returns_400(
     make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    gw = await make_gateway(with_models(MODEL))
+    gw = await make_gateway(with_two_model_routes)
     headers = {"Content-Type": "application/json"}
     async with http.post(gw.url + CHAT, data=b'{"model": "qwen', headers=headers) as resp:
         await expect_error(resp, 400, "invalid_json")
@@ -173,7 +179,7 @@ async def test_path_without_a_route_returns_404(
 async def test_unknown_model_returns_404_and_missing_model_400(
     cloud: FakeCloud, make_gateway: GatewayFactory, http: aiohttp.ClientSession
 ) -> None:
-    gw = await make_gateway(with_models(MODEL))
+    gw = await make_gateway(with_two_model_routes)
     async with http.post(gw.url + CHAT, json=chat_body(model="gpt-9")) as resp:
         error = await expect_error(resp, 404, "model_not_found")
         assert "gpt-9" in error["message"]

@@ -164,7 +164,7 @@ async def test_a_request_on_a_connection_already_gone_is_not_sent() -> None:
     port = listener.sockets[0].getsockname()[1]
     client = UpstreamClient()
     try:
-        conn = await client._connect(("http", "127.0.0.1", port), 2.0)
+        conn = await client._connect(("", "http", "127.0.0.1", port), 2.0)
         conn.close()
         with pytest.raises(NotSent):
             await conn.exchange(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"", "POST")

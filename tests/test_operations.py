@@ -63,6 +63,7 @@ ISSUE_METRICS = {
     "gateway_token_expiry_timestamp_seconds": "gateway_token_expiry_timestamp_seconds",
     "gateway_rejected_total": "gateway_rejected_total",
     "gateway_key_requests_total": "gateway_key_requests_total",
+    "gateway_upstream_connections": "gateway_upstream_connections",  # issue 9
 }
 
 ACCESS_KEYS = (
@@ -252,7 +253,8 @@ async def test_metric_labels_never_come_from_a_client_path_or_model(
     }
     assert "done" in stream_ends and stream_ends <= set(STREAM_END_REASONS)
     assert seen["result"] <= {"ok", "error", "rejected"}
-    assert set(seen) <= {"route", "status", "reason", "result", "key", "credential"}
+    assert seen["state"] <= {"idle", "active"}
+    assert set(seen) <= {"route", "status", "reason", "result", "key", "credential", "state"}
     assert seen["route"] | seen["key"] | seen["credential"] <= config_names
 
 

@@ -878,8 +878,9 @@ async def test_an_apig_error_is_reshaped_into_the_openai_shape_with_the_same_sta
         assert resp.status == status
         assert resp.content_type == "application/json"
         body = await resp.json()
+        upstream_id = resp.headers["X-Upstream-Request-Id"]  # APIG's, for support (issue 9)
     assert_openai_error(body, code)
-    assert body["error"]["message"] == message
+    assert body["error"]["message"] == f"{message} (upstream request id {upstream_id})"
     assert body["error"]["type"] == "upstream_error"
 
 
@@ -893,6 +894,9 @@ async def test_an_openai_shaped_upstream_error_passes_through_unchanged(
 
 
 # --- memory: a 100 MB stream through a gateway process --------------------------------------------
+
+
+MAX_GROWTH = 3 * 1024 * 1024  # RSS growth allowed while 100 MiB stream through
 
 
 def _vm(pid: int, field: str) -> int:
@@ -966,8 +970,11 @@ async def test_a_100mb_stream_keeps_the_gateway_process_rss_flat(
             f"(+{(after - before) / mib:.1f}), VmHWM {hwm / mib:.1f} MiB"
         )
         assert total > 100 * 1000 * 1000
-        assert peak - before < 30 * mib
-        assert after - before < 30 * mib
+        # measured +0.6 to +0.9 MiB at the peak either way (issue 9); the README promises under
+        # 3 MiB, so does this bound; VmHWM also catches a peak between two samples
+        assert peak - before < MAX_GROWTH
+        assert hwm - before < MAX_GROWTH
+        assert after - before < MAX_GROWTH
 
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0

@@ -462,8 +462,9 @@ def _parse_timeouts(raw: object, key: str, problems: list[str]) -> Timeouts:
         first_byte=s.convert("first_byte", d.first_byte, parse_duration),
         idle=s.convert("idle", d.idle, parse_duration),
         total=s.convert("total", d.total, parse_duration),
+        pool_idle=s.convert("pool_idle", d.pool_idle, parse_duration),
     )
-    for name in ("connect", "first_byte"):
+    for name in ("connect", "first_byte", "pool_idle"):
         if s.has(name) and getattr(t, name) <= 0:
             s.problem(name, "must be > 0")
     s.finish()
@@ -500,6 +501,7 @@ def _parse_route(
         heartbeat=s.convert("heartbeat", 15.0, parse_duration),
         timeouts=_parse_timeouts(s.get("timeouts"), s.sub("timeouts"), problems),
         methods=_methods(s),
+        default=_boolean(s, "default"),
     )
     s.finish()
     return route
@@ -551,6 +553,12 @@ def _parse_routes(
             problems.append(
                 f"routes[{fallbacks[1]}].models: routes on path {routes[fallbacks[1]].path!r} "
                 "share it, so each but one must list its models"
+            )
+        defaults = [i for i in indexes if routes[i].default]
+        if len(defaults) > 1:
+            problems.append(
+                f"routes[{defaults[1]}].default: routes[{defaults[0]}] is already the default "
+                f"route on path {routes[defaults[0]].path!r}"
             )
         claimed: dict[str, int] = {}
         for i in indexes:

@@ -42,6 +42,7 @@ class Timeouts:
     first_byte: float = 120.0
     idle: float = 60.0
     total: float = 1800.0
+    pool_idle: float = 15.0  # an unused pooled upstream connection is closed after this long
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Route:
     heartbeat: float = 15.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     methods: tuple[str, ...] = ("GET", "HEAD", "POST")  # what is proxied; others get 405
+    default: bool = False  # takes bodies without a "model" (or not JSON) on its path
 
     @cached_property
     def upstream_base(self) -> str:

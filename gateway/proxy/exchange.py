@@ -36,6 +36,10 @@ class RequestIds:
         self._prefix = secrets.token_hex(8)
         self._next = itertools.count(1).__next__
 
+    def fresh(self) -> str:
+        """A new id, for an answer to a request that could not be parsed."""
+        return f"{self._prefix}{self._next():016x}"
+
     def __call__(self, request: web.Request) -> str:
         """The client's X-Request-Id when it is a sane token, else a fresh one."""
         given = request.headers.get("X-Request-Id")
@@ -46,7 +50,7 @@ class RequestIds:
 
 def error_response(err: GatewayError, rid: str) -> web.Response:
     headers = {"X-Request-Id": rid}
-    if err.status == 429:
+    if err.status in (429, 503):  # over a limit, draining, buffers full: soon, maybe elsewhere
         headers["Retry-After"] = "1"
     elif isinstance(err, MethodNotAllowed):
         headers["Allow"] = err.allow
@@ -69,6 +73,7 @@ class Exchange:
     end: str = "-"
     cors_origin: str | None = None
     close: bool = False  # close the connection after this answer
+    upstream_request_id: str | None = None  # APIG's, from a re-shaped error
 
 
 def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> None:
@@ -93,4 +98,5 @@ def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> 
         ttfb_ms=round(ex.ttfb * 1000, 1) if ex.ttfb is not None else "-",
         bytes=ex.bytes,
         end=ex.end,
+        **({"upstream_request_id": ex.upstream_request_id} if ex.upstream_request_id else {}),
     )

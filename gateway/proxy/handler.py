@@ -21,6 +21,7 @@ from gateway import log as gwlog
 from gateway.config.model import ApiKey, Route, Settings
 from gateway.credentials import Credential, Outgoing
 from gateway.errors import (
+    BadRequest,
     Forbidden,
     GatewayError,
     HeadersTooLarge,
@@ -157,7 +158,9 @@ class Proxy:
             raise
         if ex.cors_origin and request.method == "OPTIONS":
             ex.status = 204
-            return preflight(ex.cors_origin, request)
+            response = preflight(ex.cors_origin, request)
+            response.headers["X-Request-Id"] = ex.rid
+            return response
         if key is not None:
             ex.key = key.name
         return await answer(request, ex, key)
@@ -210,7 +213,14 @@ class Proxy:
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
         body = await self._body(request, max(r.max_body for r in group.routes), ex, held)
-        model = await sniff_model(body)
+        try:
+            model = await sniff_model(body)
+        except BadRequest as err:
+            # a body that is not JSON goes to the path's default route, unless a key's allowlist
+            # must read its model (then it stays a 400, as does an ambiguous or non-string model)
+            if err.code != "invalid_json" or restricted or group.default is None:
+                raise
+            model = None
         if key is not None and key.models is not None and model not in key.models:
             raise Forbidden(
                 f"API key {key.name!r} may not use this model", code="model_not_allowed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Iterable
 from time import monotonic
 
@@ -67,12 +68,31 @@ async def read_small_body(response: UpstreamResponse, route: Route, deadline: fl
         raise UpstreamError("the upstream connection failed") from None
 
 
-def apig_error(status: int, body: bytes, secrets: Iterable[str] = ()) -> GatewayError | None:
+# APIG's request ids are 32 hex digits; anything token-like and bounded is kept, nothing else
+_UPSTREAM_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class ApigError(GatewayError):
+    """An APIG error re-shaped, with the request id Huawei support asks for (None if absent)."""
+
+    type = "upstream_error"
+
+    def __init__(self, status: int, message: str, code: str, request_id: str | None) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.request_id = request_id
+
+
+def apig_error(
+    status: int, body: bytes, secrets: Iterable[str] = (), header_id: str | None = None
+) -> ApigError | None:
     """An APIG-shaped error (``{"error_code", "error_msg"}``) as an OpenAI-shaped one, else None.
 
     ModelArts' API gateway answers its own failures (throttling, size limit, ...) in its own
     shape; OpenAI clients show only ``error.message``, so its text is carried over, without
-    any of ``secrets`` (an error that quotes the request's token must not hand it out).
+    any of ``secrets`` (an error that quotes the request's token must not hand it out). APIG's
+    ``request_id`` (the body's, else ``header_id``: its X-Request-Id header) is kept in the
+    message, for quoting to support.
     """
     try:
         data = json.loads(body)
@@ -81,10 +101,15 @@ def apig_error(status: int, body: bytes, secrets: Iterable[str] = ()) -> Gateway
     if not isinstance(data, dict) or "error_code" not in data or "error" in data:
         return None
     message = redact(str(data.get("error_msg", "upstream error")), secrets)[:500]
-    err = GatewayError(message, code=redact(str(data["error_code"]), secrets)[:64])
-    err.status = status
-    err.type = "upstream_error"
-    return err
+    request_id = None
+    for candidate in (data.get("request_id"), header_id):
+        if isinstance(candidate, str) and _UPSTREAM_ID.fullmatch(candidate):
+            request_id = redact(candidate, secrets)
+            break
+    if request_id is not None:
+        message += f" (upstream request id {request_id})"
+    code = redact(str(data["error_code"]), secrets)[:64]
+    return ApigError(status, message, code, request_id)
 
 
 async def whole(
@@ -107,10 +132,14 @@ async def whole(
     metrics.child(metrics.stream_end, route.name, "done").inc()
     headers = client_response_headers(upstream.headers)
     headers["X-Request-Id"] = ex.rid
-    err = apig_error(upstream.status, body, secrets) if upstream.status >= 400 else None
+    err = None
+    if upstream.status >= 400:
+        err = apig_error(upstream.status, body, secrets, upstream.headers.get("X-Request-Id"))
     if err is not None:
         headers["Content-Type"] = "application/json"
         body = err.body()
+        if err.request_id is not None:
+            headers["X-Upstream-Request-Id"] = ex.upstream_request_id = err.request_id
     response = web.Response(
         status=upstream.status, reason=upstream.reason, body=body, headers=headers
     )

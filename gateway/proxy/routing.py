@@ -17,6 +17,9 @@ class PathGroup:
     routes: tuple[Route, ...]
     by_model: dict[str, Route] = field(default_factory=dict)
     fallback: Route | None = None
+    # takes a body without "model" or not JSON (ModelArts' /v1/sse carries the image's own body):
+    # the route that says ``default: true``, or the only route on the path
+    default: Route | None = None
 
     @property
     def needs_model(self) -> bool:
@@ -24,6 +27,8 @@ class PathGroup:
         return bool(self.by_model)
 
     def select(self, model: str | None) -> Route:
+        if model is None and self.default is not None:
+            return self.default
         if model is not None and model in self.by_model:
             return self.by_model[model]
         if self.fallback is not None:
@@ -45,7 +50,10 @@ class Router:
         for path, members in grouped.items():
             by_model = {m: r for r in members for m in r.models}
             fallback = next((r for r in members if not r.models), None)
-            groups.append(PathGroup(path, tuple(members), by_model, fallback))
+            default = next((r for r in members if r.default), None)
+            if default is None and len(members) == 1:
+                default = members[0]
+            groups.append(PathGroup(path, tuple(members), by_model, fallback, default))
         # longest prefix first
         self.groups = tuple(sorted(groups, key=lambda g: len(g.path), reverse=True))
 
@@ -55,6 +63,10 @@ class Router:
             if p == "/" or path == p or path.startswith(p + "/"):
                 return group
         raise NotFound("no route for this path", code="route_not_found")
+
+    def serves(self, model: str) -> bool:
+        """True if some route lists ``model``."""
+        return any(model in group.by_model for group in self.groups)
 
     def models(self) -> list[str]:
         """Every configured model name, in config order, without repeats."""

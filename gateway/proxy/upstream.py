@@ -17,11 +17,13 @@ from gateway.config.model import Route
 from gateway.credentials import Credential, Outgoing
 from gateway.errors import (
     UpstreamAuthRejected,
+    UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from gateway.http1 import (
     BadHeader,
+    BadResponse,
     ConnectFailed,
     ConnectTimedOut,
     UpstreamClient,
@@ -102,7 +104,13 @@ async def _attempt(
     try:
         async with asyncio.timeout(wait):
             return await client.request(
-                outgoing.method, outgoing.url, outgoing.headers, outgoing.body, t.connect
+                outgoing.method,
+                outgoing.url,
+                outgoing.headers,
+                outgoing.body,
+                t.connect,
+                pool=route.name,
+                keepalive=t.pool_idle,
             )
     except ConnectTimedOut:
         raise UpstreamTimeout(
@@ -121,6 +129,9 @@ async def _attempt(
     except ConnectFailed as exc:
         log.warning("route %r: cannot connect to upstream: %s", route.name, exc.strerror)
         raise UpstreamUnreachable("the upstream is unreachable") from None
+    except BadResponse:
+        log.warning("route %r: the upstream's answer is not HTTP/1.x", route.name)
+        raise UpstreamError("the upstream's answer is not valid HTTP") from None
     except BadHeader as exc:
         log.warning("route %r: %s", route.name, exc)
         raise UpstreamUnreachable("a header could not be sent", code="invalid_header") from None

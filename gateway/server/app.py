@@ -14,6 +14,7 @@ from gateway.errors import error_body
 from gateway.http1 import UpstreamClient
 from gateway.metrics import Metrics
 from gateway.proxy import body
+from gateway.proxy.exchange import RequestIds
 from gateway.proxy.handler import Proxy
 from gateway.proxy.routing import Router
 from gateway.server import endpoints
@@ -31,6 +32,7 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     metrics = metrics if metrics is not None else Metrics()
     credentials: dict[str, Credential] = {}  # built at start-up: they need the loop's session
     client = UpstreamClient()  # proxied requests go through the lean HTTP/1.1 client
+    metrics.watch_pool([r.name for r in settings.routes], client.sizes)
     proxy = Proxy(settings, client, credentials, metrics)
 
     app = web.Application(middlewares=[_not_origin_form(proxy.handle)])
@@ -43,8 +45,11 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Applica
     app.router.add_get("/metrics", endpoints.metrics)
     if Router(settings.routes).models():
         app.router.add_get("/v1/models", endpoints.models)
+        app.router.add_get("/v1/models/{id:.+}", endpoints.model)
     # "100 Continue" is the proxy's to send, once the headers cannot get the request refused
-    app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=_expect_later)
+    app.router.add_route(
+        "*", "/{tail:.*}", proxy.handle, expect_handler=_expect_later(proxy.request_id)
+    )
     return app
 
 
@@ -90,29 +95,41 @@ def _lifetime(
     return lifetime
 
 
-async def _expect_later(request: web.Request) -> web.StreamResponse | None:
-    """Nothing yet for ``Expect: 100-continue`` (see ``limits.read_body``); 417 for any other."""
-    if request.headers.get("Expect", "").strip().lower() == "100-continue":
-        return None
-    response = web.Response(
-        status=417,
-        body=error_body(
-            "only 'Expect: 100-continue' is supported", "invalid_request_error", "bad_expect"
-        ),
-        content_type="application/json",
-    )
-    response.force_close()
-    return response
+def _expect_later(
+    request_id: RequestIds,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        """Nothing yet for ``Expect: 100-continue`` (see ``limits.read_body``); 417 otherwise."""
+        if request.headers.get("Expect", "").strip().lower() == "100-continue":
+            return None
+        response = web.Response(
+            status=417,
+            body=error_body(
+                "only 'Expect: 100-continue' is supported", "invalid_request_error", "bad_expect"
+            ),
+            content_type="application/json",
+            headers={"X-Request-Id": request_id(request)},
+        )
+        response.force_close()
+        return response
+
+    return expect
 
 
-def _malformed(status: int) -> web.Response:
-    """The answer to a request aiohttp could not parse, in the gateway's error shape."""
-    text = "malformed HTTP request" if status < 500 else "internal error"
-    code = "bad_http_request" if status < 500 else "internal_error"
-    type_ = "invalid_request_error" if status < 500 else "server_error"
-    return web.Response(
-        status=status, body=error_body(text, type_, code), content_type="application/json"
-    )
+def _malformed(request_id: RequestIds) -> Callable[[int], web.Response]:
+    def answer(status: int) -> web.Response:
+        """The answer to a request aiohttp could not parse, in the gateway's error shape."""
+        text = "malformed HTTP request" if status < 500 else "internal error"
+        code = "bad_http_request" if status < 500 else "internal_error"
+        type_ = "invalid_request_error" if status < 500 else "server_error"
+        return web.Response(
+            status=status,
+            body=error_body(text, type_, code),
+            content_type="application/json",
+            headers={"X-Request-Id": request_id.fresh()},
+        )
+
+    return answer
 
 
 def make_runner(app: web.Application, shutdown_timeout: float = FINAL_WRITE_GRACE) -> web.AppRunner:
@@ -122,7 +139,7 @@ def make_runner(app: web.Application, shutdown_timeout: float = FINAL_WRITE_GRAC
     return GatewayRunner(
         app,
         header_timeout=listen.header_timeout,
-        error_response=_malformed,
+        error_response=_malformed(app[GATEWAY].proxy.request_id),
         max_connections=listen.max_connections,
         on_refused=app[METRICS].connections_refused.inc,
         keepalive_timeout=listen.keepalive_timeout,
