@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,8 +34,9 @@ def _callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=60)
 
 
-def measure(scenario_key: str, out: Path, index: int) -> float:
-    """One counted run of the scenario; the gateway's instructions per unit."""
+def measure(scenario_key: str, out: Path, index: int, source: Path | None = None) -> float:
+    """One counted run of the scenario; the gateway's instructions per unit. ``source``: run
+    the gateway from that checkout instead (e.g. the code before a change, via git archive)."""
     scenario = SCENARIOS[scenario_key]
     spec = scenario.spec
     work = out / f"{scenario_key}-{index}"
@@ -44,6 +46,8 @@ def measure(scenario_key: str, out: Path, index: int) -> float:
         f"valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file={dump}.%p "
         "{python} -m gateway --config {config}"
     )
+    if source is not None:  # `python -m` imports from the working directory first
+        command = f"sh -c 'cd {shlex.quote(str(source))} && exec {command}'"
     upstream = Upstream(work)
     gateway = targets.make("gateway", upstream.port, work / "gateway", command)
     old_timeout = targets.START_TIMEOUT
@@ -83,13 +87,16 @@ def main() -> int:
     parser.add_argument("--scenario", default="S3", choices=sorted(SCENARIOS))
     parser.add_argument("--out", type=Path, default=HERE / "out" / "callgrind")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--source", type=Path, help="run the gateway from this checkout (default: this one)"
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (with callgrind_control) is not installed", file=sys.stderr)
         return 2
     unit = SCENARIOS[args.scenario].unit
     for i in range(args.repeat):
-        per_unit = measure(args.scenario, args.out, i)
+        per_unit = measure(args.scenario, args.out, i, args.source)
         print(f"{args.scenario} run {i + 1}: {per_unit:,.0f} instructions per {unit}", flush=True)
     return 0
 
