@@ -5,13 +5,14 @@ Nothing here logs a header value or a body; callers pass only names, numbers and
 The access log is the one line written per request, so it does not go through ``logging``'s
 record, filter and formatter machinery (a LogRecord, ``time.strftime`` and a format per line)
 once :func:`setup_logging` has installed the gateway's handler: :func:`access` formats the line
-itself, exactly as the formatters would, with the time text cached per second, and writes it
-with one ``write``. Anywhere else (a test's log capture, a replaced handler) the line goes
-through ``logging`` as before.
+itself, exactly as the formatters would, with the time text cached per second, and the lines of
+one event-loop pass go out in one ``write`` at its end (before any other log line). Anywhere
+else (a test's log capture, a replaced handler) the line goes through ``logging`` as before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import json
@@ -121,6 +122,40 @@ class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
             else _Clock("%Y-%m-%d %H:%M:%S", time.localtime)
         )
         self.text = _AccessText()
+        self._pending: list[str] = []  # access lines of this event-loop pass, not yet written
+
+    def write_access(self, line: str) -> None:
+        """Queue ``line``: the access lines of one event-loop pass go out together in one
+        write when it ends (one syscall for many requests under load), and before any other
+        line is logged, so the order of lines stays the order of events."""
+        pending = self._pending
+        pending.append(line)
+        if len(pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush_access)
+            except RuntimeError:  # no event loop (a tool, a test): at once
+                self.flush_access()
+
+    def flush_access(self) -> None:
+        """Write the queued access lines (one write)."""
+        if not self._pending:
+            return
+        data = "".join(self._pending)
+        self._pending.clear()
+        with self.lock or contextlib.nullcontext():
+            try:
+                self.stream.write(data)
+                self.stream.flush()
+            except (OSError, ValueError):  # stderr gone: nothing could be logged anyway
+                pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.flush_access()  # earlier access lines first
+        super().emit(record)
+
+    def flush(self) -> None:
+        self.flush_access()
+        super().flush()
 
     def access_line(self, fields: dict[str, Any]) -> str:
         """The line the handler's formatter would make of an access record with ``fields``."""
@@ -205,10 +240,9 @@ def access(**fields: Any) -> None:
         ):
             try:
                 line = handler.access_line(fields)
-                with handler.lock or contextlib.nullcontext():
-                    handler.stream.write(line)  # one write; stderr is line-buffered
-                    handler.stream.flush()
-                return
-            except Exception:  # e.g. stderr closed: logging's own handleError reports it
+            except Exception:  # a field it cannot format: logging's own handleError reports it
                 pass
+            else:
+                handler.write_access(line)
+                return
     ACCESS.info("access", extra={"access": fields, "request_id": fields.get("request_id", "-")})

@@ -1,4 +1,4 @@
-"""The access line's fast path (issue 13): the same line the formatters make, in one write.
+"""The access line's fast path (issue 13): the same line the formatters make, in few writes.
 
 ``setup_logging``'s handler writes access lines itself (no LogRecord, formatter or strftime per
 line); these tests hold it to the text and JSON formatters' output field by field, and check
@@ -7,6 +7,7 @@ that anything other than the gateway's own handler still gets the line through `
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -151,3 +152,36 @@ def test_access_line_goes_through_logging_when_another_handler_listens(
     (record,) = [r for r in caplog.records if r.name == "gateway.access"]
     assert getattr(record, "access") == FIELDS  # noqa: B009 - set through `extra`
     assert stream.writes == 1 and "key=alice" in stream.getvalue()
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_access_lines_of_one_loop_pass_go_out_in_one_write_before_any_other_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = installed(monkeypatch, "text")
+    for i in range(3):
+        gwlog.access(**{**FIELDS, "request_id": f"rid-{i}"})
+    assert stream.writes == 0  # queued until this pass of the loop ends
+    logging.getLogger("gateway").warning("something else")  # the queued lines go first
+    gwlog.access(**{**FIELDS, "request_id": "rid-3"})
+    await asyncio.sleep(0)  # the end of the pass: the last line goes out
+    lines = stream.getvalue().splitlines()
+    assert [line.split("[", 1)[1].split("]", 1)[0] for line in lines] == [
+        "rid-0",
+        "rid-1",
+        "rid-2",
+        "-",
+        "rid-3",
+    ]
+    assert "something else" in lines[3]
+    assert stream.writes == 3  # three lines at once, the warning, the last line
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_queued_access_lines_are_written_when_logging_shuts_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = installed(monkeypatch, "json")
+    gwlog.access(**FIELDS)
+    logging.getLogger().handlers[0].flush()  # what logging.shutdown() does at exit
+    assert json.loads(stream.getvalue())["request_id"] == "rid-123"

@@ -115,7 +115,7 @@ class Proxy:
             except GatewayError as err:
                 ex.status = err.status
                 if ex.ttfb is None:  # refused by the gateway, not answered by the upstream
-                    self.metrics.rejected.labels(ex.route, err.code).inc()
+                    self.metrics.child(self.metrics.rejected, ex.route, err.code).inc()
                 if err.status >= 500:
                     log.warning("%s: %s", err.code, err.message)
                 response = error_response(err, ex.rid)
@@ -261,7 +261,12 @@ class Proxy:
             ex.status = upstream.status
             response: web.StreamResponse
             if is_small(upstream):
-                secrets = (*self.secrets, *sent_secrets(outgoing.headers))
+                # only an error answer is searched for secrets to take out (apig_error)
+                secrets = (
+                    (*self.secrets, *sent_secrets(outgoing.headers))
+                    if upstream.status >= 400
+                    else ()
+                )
                 response = await whole(upstream, route, ex, deadline, self.metrics, secrets)
             else:
                 response = await relay_body(
