@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway._aiohttp import c_extensions_missing
-from gateway.config.load import ConfigError, load_config
+from gateway.config.load import ConfigError, load_config, parse_config, read_config
 from gateway.config.model import Settings
 from gateway.log import setup_logging
 from gateway.proxy.guard import check_exposure
@@ -97,10 +97,14 @@ def _load(path: str) -> Settings | None:
     try:
         return load_config(path, os.environ)
     except ConfigError as exc:
-        print(f"modelarts-gateway: invalid config {path}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _invalid(path, exc)
         return None
+
+
+def _invalid(path: str, exc: ConfigError) -> None:
+    print(f"modelarts-gateway: invalid config {path}:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,41 +151,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "serve":
         _parser().print_help(sys.stderr)
         return 2
-    settings = _load(args.config)
-    if settings is None:
+    try:
+        text = read_config(args.config)
+        loaded = parse_config(text, args.config, os.environ)
+    except ConfigError as exc:
+        _invalid(args.config, exc)
         return 2
-    listen = settings.listen
-    if args.host is not None:
-        listen = dataclasses.replace(listen, host=args.host)
-    if args.port is not None:
-        listen = dataclasses.replace(listen, port=args.port)
-    if args.reuse_port:
-        listen = dataclasses.replace(listen, reuse_port=True)
-    exposure = check_exposure(listen)
+    from gateway.server.supervisor import Supervisor, with_shared_cache
+
+    def overrides(given: Settings) -> Settings:
+        """--host, --port and --reuse-port win over the file, and a --workers worker's tokens
+        go through the supervisor's cache files: at start and at every reload."""
+        listen = given.listen
+        if args.host is not None:
+            listen = dataclasses.replace(listen, host=args.host)
+        if args.port is not None:
+            listen = dataclasses.replace(listen, port=args.port)
+        if args.reuse_port:
+            listen = dataclasses.replace(listen, reuse_port=True)
+        given = dataclasses.replace(given, listen=listen)
+        if args.shared_cache_dir:
+            given = with_shared_cache(given, Path(args.shared_cache_dir))
+        return given
+
+    settings = overrides(loaded)
+    exposure = check_exposure(settings.listen)
     if exposure:
         print(f"modelarts-gateway: refusing to start: {exposure}", file=sys.stderr)
         return 2
-    problem = _workers_problem(args.workers, args.worker_index, listen.metrics_port)
+    problem = _workers_problem(args.workers, args.worker_index, settings.listen.metrics_port)
     if problem:
         print(f"modelarts-gateway: {problem}", file=sys.stderr)
         return 2
-    settings = dataclasses.replace(settings, listen=listen)
-    from gateway.server.supervisor import Supervisor, with_shared_cache
-
-    if args.shared_cache_dir:
-        settings = with_shared_cache(settings, Path(args.shared_cache_dir))
     setup_logging(args.log_level, args.log_format)
     notify_socket = os.environ.get("NOTIFY_SOCKET")
     if args.workers > 1:
-        flags = ["--config", args.config, "--host", listen.host]
+        flags = ["--config", args.config, "--host", settings.listen.host]
         flags += ["--log-level", args.log_level, "--log-format", args.log_format]
         return _run_supervisor(Supervisor(settings, args.workers, flags, notify_socket).run())
 
+    from gateway.server.reload import ConfigSource, digest
     from gateway.server.run import serve
 
+    source = ConfigSource(Path(args.config), os.environ, overrides, digest(text))
     return _run(
         serve(
             settings,
+            source=source,
             notify_socket=notify_socket,
             worker=args.worker_index or 0,
             parent_fd=args.parent_fd,

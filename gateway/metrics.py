@@ -118,9 +118,11 @@ class _PoolCollector(Collector):
     """``gateway_upstream_connections{route,state}``, counted from the pool at scrape time."""
 
     def __init__(
-        self, routes: Iterable[str], sizes: Callable[[], Mapping[str, tuple[int, int]]]
+        self,
+        routes: Callable[[], Iterable[str]],
+        sizes: Callable[[], Mapping[str, tuple[int, int]]],
     ) -> None:
-        self._routes = tuple(routes)
+        self._routes = routes
         self._sizes = sizes
 
     def collect(self) -> Iterator[Metric]:
@@ -130,7 +132,7 @@ class _PoolCollector(Collector):
             labels=["route", "state"],
         )
         sizes = self._sizes()
-        for route in self._routes:
+        for route in self._routes():
             idle, active = sizes.get(route, (0, 0))
             family.add_metric([route, "idle"], idle)
             family.add_metric([route, "active"], active)
@@ -217,11 +219,21 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # issue 11: SIGHUP and config_watch
+        self.config_reloads = Counter(
+            "gateway_config_reloads",
+            "Config reloads by result: ok (now serving) or error (refused, the old one serves).",
+            ["result"],
+            registry=r,
+        )
 
     def watch_pool(
-        self, routes: Iterable[str], sizes: Callable[[], Mapping[str, tuple[int, int]]]
+        self,
+        routes: Callable[[], Iterable[str]],
+        sizes: Callable[[], Mapping[str, tuple[int, int]]],
     ) -> None:
-        """Export the upstream pool's size per route (``sizes``: route → (idle, active))."""
+        """Export the upstream pool's size per route (``sizes``: route → (idle, active)) for the
+        routes of the config serving now (``routes``: a reload may add or remove some)."""
         self.registry.register(_PoolCollector(routes, sizes))
 
     def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:

@@ -374,6 +374,21 @@ def test_gateway_config_in_configmap_parses(manifest: Path, deployment: dict[str
     assert {"listen", "credentials", "routes"} <= config.keys()
 
 
+def test_team_config_is_watched_and_its_configmap_mounted_so_updates_arrive() -> None:
+    manifest = DEPLOY / "kubernetes" / "team.yaml"
+    deployment = next(d for d in load_all(manifest) if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    config = gateway_config(manifest, pod)
+    assert parse_duration(config["config_watch"]) > 0
+    # "A container using a ConfigMap as a subPath volume mount will not receive ConfigMap
+    # updates" (Kubernetes docs, ConfigMaps): the file must come from a whole-volume mount.
+    container = gateway_container(pod)
+    args = container["args"]
+    path = args[args.index("--config") + 1]
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    assert "subPath" not in mount and "subPathExpr" not in mount
+
+
 # ---- (e) validate.sh -----------------------------------------------------------------------------
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import stat
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +276,40 @@ async def test_sigterm_drains_every_worker_with_a_stream_in_flight_finishing(
         await fresh_get(gw.url + "/healthz")
 
 
+async def test_sighup_to_the_supervisor_reloads_every_worker(
+    cloud: FakeCloud, spawn: Spawn, tmp_path: Path
+) -> None:
+    gw = await spawn(base_config(cloud))
+    path = tmp_path / "gateway0.yaml"
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config["routes"][0]["max_body"] = "1KiB"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    gw.proc.send_signal(signal.SIGHUP)
+
+    async def both_reloaded() -> bool:
+        return gw.log().count("config reloaded (SIGHUP)") == 2
+
+    await until(both_reloaded, "both workers reloaded")
+    assert len(await pids_answering(gw.url, 2)) == 2, "both workers still serve"
+    big = chat_body(False, messages=[{"role": "user", "content": "x" * 2000}])
+    for _ in range(TRIES):  # fresh connections until each worker has refused one
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.post(gw.url + "/v1/chat/completions", json=big) as resp,
+        ):
+            assert resp.status == 413  # the new max_body, whichever worker answered
+        refused = [
+            await metric(gw.metrics_url(i), "gateway_rejected_total", reason="request_too_large")
+            for i in (0, 1)
+        ]
+        if all(refused):
+            break
+    assert all(refused), "each worker applies the reloaded config"
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await gw.exit_code() == 0
+
+
 async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
     cloud: FakeCloud, spawn: Spawn
 ) -> None:
@@ -312,8 +348,6 @@ async def test_processes_sharing_a_cache_file_make_one_iam_call_per_refresh(
     def shared(config: dict[str, Any]) -> None:
         config["credentials"]["main"]["cache_file"] = str(path)
 
-    cloud.iam.token_lifetime = 200.0  # under refresh_margin (300 s): due for refresh at once
-    first = await make_gateway(shared)
     url = "/v1/chat/completions"
     async with aiohttp.ClientSession() as http:
 
@@ -324,10 +358,14 @@ async def test_processes_sharing_a_cache_file_make_one_iam_call_per_refresh(
             token: str = cloud.modelarts.requests[-1].headers["X-Auth-Token"]
             return token
 
-        t1 = await token_used(first.url)
-        second = await make_gateway(shared)  # starts with t1 from the file
+        t1 = await token_used((await make_gateway(shared)).url)  # writes the file
         assert cloud.iam.calls == 1
-        cloud.iam.token_lifetime = 86400.0  # the refreshed token is not due again
+        # the file's token now expires in 200 s: inside refresh_margin (300 s), still usable
+        entry = json.loads(path.read_text())
+        entry["expires_at"] = time.time() + 200
+        path.write_text(json.dumps(entry))
+        first, second = await make_gateway(shared), await make_gateway(shared)  # both seed t1
+        assert cloud.iam.calls == 1
 
         async def refreshed(gw_url: str) -> bool:
             return await token_used(gw_url) != t1

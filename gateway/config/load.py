@@ -10,14 +10,17 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 from yarl import URL
 
+from gateway.config import sdk_env
 from gateway.config.env import expand, join_key
 from gateway.config.model import (
+    DEFAULT_METADATA_URL,
     TOKEN_CREDENTIAL_TYPES,
     AgencyCredential,
     AkSkCredential,
@@ -26,10 +29,13 @@ from gateway.config.model import (
     AppAkSkCredential,
     AppCodeCredential,
     CredentialConfig,
+    EcsMetadataCredential,
     IamPasswordCredential,
     Listen,
     NoCredential,
+    PodIdentityCredential,
     Route,
+    SdkDefaultCredential,
     Secret,
     Settings,
     StaticTokenCredential,
@@ -406,17 +412,119 @@ CREDENTIAL_TYPES: dict[str, Callable[[_Section, str], CredentialConfig]] = {
 }
 
 
-def _parse_credentials(raw: object, problems: list[str]) -> dict[str, CredentialConfig]:
+# --- temporary AK/SK from the platform (issue 12, item 2) ----------------------------------------
+# These read the environment (once, here), so their parsers also get ``environ``.
+
+
+def _env_url(s: _Section, name: str, text: str, variable: str) -> URL | None:
+    """A URL from the environment, checked like a config URL; problems name the config key."""
+    try:
+        url = URL(text)
+    except ValueError:
+        url = URL()
+    if url.scheme not in ("http", "https") or not url.host:
+        s.problem(name, f"{variable} must be an http:// or https:// URL with a host")
+        return None
+    return url
+
+
+def _parse_ecs_metadata(s: _Section, name: str) -> EcsMetadataCredential:
+    url = _url(s, "metadata_url") if s.has("metadata_url") else DEFAULT_METADATA_URL
+    return EcsMetadataCredential(
+        name=name,
+        metadata_url=url,
+        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+    )
+
+
+def _parse_pod_identity(s: _Section, name: str, environ: Mapping[str, str]) -> CredentialConfig:
+    """``uri`` and ``token_file`` from the config, else the environment CCE sets in the pod."""
+    if s.has("uri"):
+        uri: URL | None = _url(s, "uri")
+    elif environ.get(sdk_env.ENV_POD_URI):
+        uri = _env_url(s, "uri", environ[sdk_env.ENV_POD_URI], sdk_env.ENV_POD_URI)
+    else:
+        uri = None
+        s.problem("uri", f"is required (or set {sdk_env.ENV_POD_URI})")
+    if s.has("token_file"):
+        token_file = _path(s, "token_file")
+    elif environ.get(sdk_env.ENV_POD_TOKEN_FILE):
+        token_file = Path(environ[sdk_env.ENV_POD_TOKEN_FILE])
+    else:
+        token_file = None
+        s.problem("token_file", f"is required (or set {sdk_env.ENV_POD_TOKEN_FILE})")
+    return PodIdentityCredential(
+        name=name,
+        uri=uri or URL(),
+        token_file=token_file or Path(),
+        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+    )
+
+
+def _parse_sdk_default(s: _Section, name: str, environ: Mapping[str, str]) -> CredentialConfig:
+    """The SDK's chain, its environment read now: see gateway/config/sdk_env.py."""
+    unsupported = sdk_env.unsupported_env(environ)
+    if unsupported:
+        s.problem("type", f"sdk_default: {unsupported}")
+    metadata = _parse_ecs_metadata(s, name)
+    pod = sdk_env.pod_identity_env(environ)
+    pod_identity = None
+    if pod is not None:
+        uri = _env_url(s, "type", pod[0], sdk_env.ENV_POD_URI)
+        if uri is not None:
+            pod_identity = PodIdentityCredential(name, uri, pod[1], metadata.refresh_margin)
+    return SdkDefaultCredential(
+        name=name,
+        env_keys=sdk_env.env_keys(environ),
+        profile_file=sdk_env.profile_path(environ),
+        metadata=metadata,
+        pod_identity=pod_identity,
+        refresh_margin=metadata.refresh_margin,
+    )
+
+
+ENVIRON_CREDENTIAL_TYPES: dict[
+    str, Callable[[_Section, str, Mapping[str, str]], CredentialConfig]
+] = {
+    "pod_identity": _parse_pod_identity,
+    "sdk_default": _parse_sdk_default,
+}
+CREDENTIAL_TYPES["ecs_metadata"] = _parse_ecs_metadata
+
+
+def _credential_parsers(
+    environ: Mapping[str, str],
+) -> dict[str, Callable[[_Section, str], CredentialConfig]]:
+    """Every type's parser; those that read the environment get ``environ`` bound."""
+    bound = {
+        kind: partial(_with_environ, f, environ) for kind, f in ENVIRON_CREDENTIAL_TYPES.items()
+    }
+    return {**CREDENTIAL_TYPES, **bound}
+
+
+def _with_environ(
+    parse: Callable[[_Section, str, Mapping[str, str]], CredentialConfig],
+    environ: Mapping[str, str],
+    s: _Section,
+    name: str,
+) -> CredentialConfig:
+    return parse(s, name, environ)
+
+
+def _parse_credentials(
+    raw: object, problems: list[str], environ: Mapping[str, str]
+) -> dict[str, CredentialConfig]:
     top = _Section(raw, "credentials", problems)
     result: dict[str, CredentialConfig] = {}
+    parsers = _credential_parsers(environ)
     for name in list(top.raw):
         top.used.add(name)
         s = _Section(top.raw[name], top.sub(str(name)), problems)
         kind = s.string("type", required=True)
-        parser = CREDENTIAL_TYPES.get(kind)
+        parser = parsers.get(kind)
         if parser is None:
             if kind:
-                s.problem("type", f"unknown type {kind!r} (one of: {', '.join(CREDENTIAL_TYPES)})")
+                s.problem("type", f"unknown type {kind!r} (one of: {', '.join(parsers)})")
             continue
         result[str(name)] = parser(s, str(name))
         s.finish()
@@ -578,25 +686,32 @@ def parse_settings(raw: object, environ: Mapping[str, str]) -> Settings:
     expanded = expand(raw, "", environ, problems)
     top = _Section(expanded, "", problems)
     listen = _parse_listen(top.get("listen"), problems)
-    credentials = _parse_credentials(top.get("credentials"), problems)
+    credentials = _parse_credentials(top.get("credentials"), problems, environ)
     routes = _parse_routes(top.get("routes"), credentials, problems)
+    config_watch = top.convert("config_watch", 0.0, parse_duration)
     top.finish()
     exposure = check_exposure(listen)
     if exposure:
         problems.append(exposure)
     if problems:
         raise ConfigError(problems)
-    return Settings(listen=listen, credentials=credentials, routes=routes)
+    return Settings(
+        listen=listen, credentials=credentials, routes=routes, config_watch=config_watch
+    )
 
 
-def load_config(path: str | Path, environ: Mapping[str, str]) -> Settings:
-    """Read, expand and validate a YAML config file; raises :class:`ConfigError`."""
+def read_config(path: str | Path) -> str:
+    """The config file's text, read by path each time (a ConfigMap update swaps a symlink)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read ({exc.strerror or exc})"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not UTF-8 text"]) from None
+
+
+def parse_config(text: str, path: str | Path, environ: Mapping[str, str]) -> Settings:
+    """Parse, expand and validate config ``text`` read from ``path``; raises ConfigError."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -604,3 +719,8 @@ def load_config(path: str | Path, environ: Mapping[str, str]) -> Settings:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError([f"{path}: not valid YAML{where}"]) from None
     return parse_settings(raw, environ)
+
+
+def load_config(path: str | Path, environ: Mapping[str, str]) -> Settings:
+    """Read, expand and validate a YAML config file; raises :class:`ConfigError`."""
+    return parse_config(read_config(path), path, environ)

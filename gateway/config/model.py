@@ -165,11 +165,65 @@ class AgencyCredential:
     cache_file: Path | None = None
 
 
+# --- temporary AK/SK from the platform (issue 12, item 2) --------------------------------------
+# The ECS/CCE metadata service: a link-local address every ECS server and CCE node answers on
+# ("Obtaining Metadata"; huaweicloudsdkcore MetadataAccessor._METADATA_ENDPOINT).
+DEFAULT_METADATA_URL = URL("http://169.254.169.254")
+
+
+@dataclass(frozen=True)
+class EcsMetadataCredential:
+    """``type: ecs_metadata``: the agency bound to this ECS server or CCE node."""
+
+    name: str
+    metadata_url: URL = DEFAULT_METADATA_URL
+    refresh_margin: float = 300.0
+
+
+@dataclass(frozen=True)
+class PodIdentityCredential:
+    """``type: pod_identity``: CCE pod identity (its agent's URI and the pod's token file)."""
+
+    name: str
+    uri: URL
+    token_file: Path  # read at every fetch: the kubelet rotates it
+    refresh_margin: float = 300.0
+
+
+@dataclass(frozen=True)
+class StaticKeys:
+    """AK/SK (and a security token) found in the environment or the SDK's profile file."""
+
+    ak: str
+    sk: Secret
+    security_token: Secret | None = None
+
+
+@dataclass(frozen=True)
+class SdkDefaultCredential:
+    """``type: sdk_default``: huaweicloudsdkcore's default chain, resolved at config load.
+
+    The environment is read once, when the config is loaded: ``env_keys`` (HUAWEICLOUD_SDK_*),
+    the profile file's path and pod identity's settings. The profile file and the services are
+    consulted at the first fetch, in the SDK's order; the first that answers is kept.
+    """
+
+    name: str
+    env_keys: StaticKeys | None
+    profile_file: Path | None  # None: no HOME and no HUAWEICLOUD_SDK_CREDENTIALS_FILE
+    metadata: EcsMetadataCredential
+    pod_identity: PodIdentityCredential | None  # None: HC_CONTAINER_* not both set
+    refresh_margin: float = 300.0
+
+
 CredentialConfig = (
     IamPasswordCredential
     | StaticTokenCredential
     | TokenFileCredential
     | NoCredential
+    | EcsMetadataCredential
+    | PodIdentityCredential
+    | SdkDefaultCredential
     | ApiKeyCredential
     | AppCodeCredential
     | AkSkCredential
@@ -221,3 +275,4 @@ class Settings:
     listen: Listen
     credentials: Mapping[str, CredentialConfig]
     routes: tuple[Route, ...]
+    config_watch: float = 0.0  # re-read the file when its content changes, this often (0: off)

@@ -12,7 +12,14 @@ import ipaddress
 
 from yarl import URL
 
-from gateway.config.model import AgencyCredential, IamPasswordCredential, Settings
+from gateway.config.model import (
+    AgencyCredential,
+    EcsMetadataCredential,
+    IamPasswordCredential,
+    PodIdentityCredential,
+    SdkDefaultCredential,
+    Settings,
+)
 
 
 def _loopback(host: str | None) -> bool:
@@ -30,6 +37,28 @@ def _clear_text(url: URL) -> bool:
     return url.scheme == "http" and not _loopback(url.host)
 
 
+def _link_local(host: str | None) -> bool:
+    try:
+        return ipaddress.ip_address((host or "").strip("[]")).is_link_local
+    except ValueError:
+        return False
+
+
+def _key_service_urls(name: str, config: object) -> list[tuple[str, URL]]:
+    """The URLs temporary AK/SK come from: (dotted key, URL)."""
+    key = f"credentials.{name}"
+    if isinstance(config, EcsMetadataCredential):
+        return [(f"{key}.metadata_url", config.metadata_url)]
+    if isinstance(config, PodIdentityCredential):
+        return [(f"{key}.uri", config.uri)]
+    if isinstance(config, SdkDefaultCredential):
+        urls = [(f"{key}.metadata_url", config.metadata.metadata_url)]
+        if config.pod_identity is not None:
+            urls.append((f"{key} (HC_CONTAINER_CREDENTIALS_FULL_URI)", config.pod_identity.uri))
+        return urls
+    return []
+
+
 def start_up_risks(settings: Settings) -> list[str]:
     """One sentence per risky setting, naming its key."""
     risks = []
@@ -40,6 +69,14 @@ def start_up_risks(settings: Settings) -> list[str]:
                 f"credentials.{name}.iam_url is plain http:// to another machine: the password "
                 "and token cross the network unencrypted; use https://"
             )
+        for key, url in _key_service_urls(name, config):
+            # the metadata service (169.254.169.254) is link-local: its answers never leave the
+            # host; a credential service elsewhere over http would hand out keys in clear text
+            if _clear_text(url) and not _link_local(url.host):
+                risks.append(
+                    f"{key} is plain http:// to another machine: temporary AK/SK cross the "
+                    "network unencrypted; use https:// or a link-local address"
+                )
     for i, route in enumerate(settings.routes):
         if _clear_text(route.upstream):
             risks.append(

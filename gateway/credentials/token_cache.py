@@ -7,6 +7,9 @@ Rules (IAM tokens live 24 h; IAM locks an account after repeated wrong passwords
   margin leaves a window where a slow or failing IAM costs no request anything;
 - expiry is judged by the wall clock at each use, so a laptop that slept past expiry does not
   keep using a dead token;
+- a fetch that returns a token already inside the margin (a source that rotates its temporary
+  keys later than we refresh: the metadata service hands out the same keys until then) does not
+  make every request start another fetch: background refreshes wait ``REFRESH_INTERVAL``;
 - a failed fetch sets a back-off window during which no fetch is attempted and callers without
   a usable token fail fast; a rejected identity (HTTP 401/403 from IAM) backs off for minutes,
   never retried in a tight loop.
@@ -19,6 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from gateway.errors import CredentialUnavailable
 
@@ -31,6 +35,8 @@ REJECTED_BACKOFF = (60.0, 3600.0)
 # shorter than twice this, the last half of the margin is kept instead, so the background
 # refresh (at ``expires_at - refresh_margin``) always starts strictly before the old token stops.
 EXPIRY_SAFETY = 30.0
+# Between background refreshes when a fetch returned a token already due for refresh.
+REFRESH_INTERVAL = 30.0
 
 
 def safety_point(expires_at: float, margin: float) -> float:
@@ -57,13 +63,16 @@ class FetchFailed(Exception):
 
 
 RefreshListener = Callable[[str, str, float | None], None]  # (credential, result, expires_at)
+T = TypeVar("T", bound=Token)
 
 
-class TokenCache:
+class TokenCache(Generic[T]):
+    """One expiring credential (an IAM token, temporary AK/SK: any ``Token``), kept fresh."""
+
     def __init__(
         self,
         name: str,
-        fetch: Callable[[], Awaitable[Token]],
+        fetch: Callable[[], Awaitable[T]],
         *,
         refresh_margin: float,
         on_refresh: RefreshListener | None = None,
@@ -74,17 +83,22 @@ class TokenCache:
         self._margin = refresh_margin
         self._on_refresh = on_refresh
         self._now = wall_clock
-        self._token: Token | None = None
-        self._flight: asyncio.Task[Token] | None = None
+        self._token: T | None = None
+        self._flight: asyncio.Task[T] | None = None
         self._failures = 0
         self._retry_at = 0.0  # monotonic
         self._last_error = ""
+        self._refresh_after = 0.0  # monotonic: no background refresh before
+
+    def now(self) -> float:
+        """The wall clock expiry is judged by (tests shift it instead of waiting)."""
+        return self._now()
 
     @property
-    def token(self) -> Token | None:
+    def token(self) -> T | None:
         return self._token
 
-    def usable(self) -> Token | None:
+    def usable(self) -> T | None:
         token = self._token
         if token is None:
             return None
@@ -92,11 +106,11 @@ class TokenCache:
             return None
         return token
 
-    async def get(self) -> Token:
+    async def get(self) -> T:
         """A token usable now, fetching one (or joining the fetch under way) when needed."""
         token = self.usable()
         if token is not None:
-            if self.due(token):
+            if self.due(token) and time.monotonic() >= self._refresh_after:
                 self._start_fetch()  # refresh in the background; the old token still serves
             return token
         flight = self._start_fetch()
@@ -118,7 +132,7 @@ class TokenCache:
         """True from ``token``'s refresh point on (``expires_at - refresh_margin``)."""
         return self._now() >= token.expires_at - self._margin
 
-    def seed(self, token: Token) -> bool:
+    def seed(self, token: T) -> bool:
         """Adopt a token obtained elsewhere (an on-disk cache) if none is cached; True if used."""
         if self._token is not None or self._now() >= safety_point(token.expires_at, self._margin):
             return False
@@ -141,7 +155,7 @@ class TokenCache:
             return f"credential {self.name!r}: {self._last_error}"
         return f"credential {self.name!r}: no token yet"
 
-    def _start_fetch(self) -> asyncio.Task[Token] | None:
+    def _start_fetch(self) -> asyncio.Task[T] | None:
         if self._flight is not None:
             return self._flight
         if time.monotonic() < self._retry_at:
@@ -150,7 +164,7 @@ class TokenCache:
         self._flight.add_done_callback(self._fetch_done)
         return self._flight
 
-    async def _run_fetch(self) -> Token:
+    async def _run_fetch(self) -> T:
         try:
             token = await self._fetch()
         except FetchFailed as exc:
@@ -166,11 +180,19 @@ class TokenCache:
         self._failures = 0
         self._retry_at = 0.0
         self._last_error = ""
-        log.info(
-            "credential %r: new token, expires in %.0f s",
-            self.name,
-            token.expires_at - self._now(),
-        )
+        left = token.expires_at - self._now()
+        log.info("credential %r: new token, expires in %.0f s", self.name, left)
+        if left <= self._margin:
+            self._refresh_after = time.monotonic() + REFRESH_INTERVAL
+            log.warning(
+                "credential %r: the new token is already within refresh_margin (%.0f s) of its "
+                "expiry; next refresh in %.0f s",
+                self.name,
+                self._margin,
+                REFRESH_INTERVAL,
+            )
+        else:
+            self._refresh_after = 0.0
         if self._on_refresh:
             self._on_refresh(self.name, "ok", token.expires_at)
         return token
@@ -190,7 +212,7 @@ class TokenCache:
         if self._on_refresh:
             self._on_refresh(self.name, "rejected" if rejected else "error", None)
 
-    def _fetch_done(self, task: asyncio.Task[Token]) -> None:
+    def _fetch_done(self, task: asyncio.Task[T]) -> None:
         self._flight = None
         if not task.cancelled():
             task.exception()  # retrieved here so a background failure is not reported as lost

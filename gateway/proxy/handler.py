@@ -5,21 +5,24 @@ guard (Host/Origin 403, API key 401) → draining 503 → target (origin-form, c
 → credential 502 → upstream (connect, first_byte 504, 401 replay once) 502/504
 → small answer whole, or headers then relay chunk by chunk → metrics and access log
 finally: release the concurrency slots, release the upstream response
+
+Each request reads one :class:`Runtime` (taken when it arrives) from start to end, so a reload
+never changes a request in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from time import monotonic
 
 from aiohttp import web
 
 from gateway import log as gwlog
-from gateway.config.model import ApiKey, Route, Settings
-from gateway.credentials import Credential, Outgoing
+from gateway.config.model import ApiKey, Route
+from gateway.credentials import Outgoing
 from gateway.errors import (
     BadRequest,
     Forbidden,
@@ -34,71 +37,52 @@ from gateway.metrics import Metrics
 from gateway.proxy.body import sniff_model
 from gateway.proxy.exchange import CLIENT_GONE, Exchange, RequestIds, error_response, record
 from gateway.proxy.failures import AuthFailures
-from gateway.proxy.guard import Guard, add_cors, preflight
+from gateway.proxy.guard import add_cors, preflight
 from gateway.proxy.headers import upstream_request_headers
 from gateway.proxy.limits import (
-    BodyBudget,
     ConcurrencyLimit,
     Held,
     read_body,
     too_large,
     wants_continue,
 )
-from gateway.proxy.redact import config_secrets, sent_secrets
+from gateway.proxy.redact import sent_secrets
 from gateway.proxy.response import is_small, relay_body, whole
-from gateway.proxy.routing import PathGroup, Router, check_method
+from gateway.proxy.routing import PathGroup, check_method
+from gateway.proxy.runtime import Runtime
 from gateway.proxy.sse import Relay
-from gateway.proxy.target import Target, Targets, UpstreamBase, without_keys
+from gateway.proxy.target import Target, Targets, without_keys
 from gateway.proxy.upstream import send
 
 log = logging.getLogger("gateway.proxy")
 
-# Answers a guarded call: (request, its exchange record, the caller's key or None).
-Answer = Callable[[web.Request, Exchange, ApiKey | None], Awaitable[web.StreamResponse]]
+# Answers a guarded call: (request, its exchange record, the caller's key or None, the runtime
+# the request took when it arrived).
+Answer = Callable[[web.Request, Exchange, ApiKey | None, Runtime], Awaitable[web.StreamResponse]]
 
 
 class Proxy:
-    def __init__(
-        self,
-        settings: Settings,
-        client: UpstreamClient,
-        credentials: Mapping[str, Credential],
-        metrics: Metrics,
-    ) -> None:
-        self.router = Router(settings.routes)
-        self.guard = Guard(settings.listen)
+    def __init__(self, runtime: Runtime, client: UpstreamClient, metrics: Metrics) -> None:
+        self.runtime = runtime  # replaced whole by a reload (swap), never changed in place
         self.client = client
-        self.credentials = credentials
         self.metrics = metrics
-        self.route_limits = {
-            r.name: ConcurrencyLimit(r.max_concurrency, f"route {r.name!r}")
-            for r in settings.routes
-        }
-        self.key_limits = {
-            k.name: ConcurrencyLimit(k.max_concurrency, f"API key {k.name!r}")
-            for k in settings.listen.api_keys
-            if k.max_concurrency
-        }
-        self.bases = {r.name: UpstreamBase(r.upstream) for r in settings.routes}
-        self.targets = Targets()  # parse_target, remembered per proxy
-        self.secrets = config_secrets(settings.credentials)
-        self.trust_forwarded = settings.listen.trust_forwarded
-        self.key_digests = frozenset(k.sha256 for k in settings.listen.api_keys)
+        self.targets = Targets()  # parse_target, remembered: the same for every config
         self.request_id = RequestIds()
         self.auth_failures = AuthFailures(metrics)
-        listen = settings.listen
-        self.body_budget = BodyBudget(listen.max_buffered_body)
-        self.body_timeout = listen.body_timeout
-        self.max_header_bytes = listen.max_header_bytes
         self.relays: set[Relay] = set()
         self.draining = False
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
 
+    def swap(self, runtime: Runtime) -> Runtime:
+        """Serve new requests with ``runtime``; the old one (returned) keeps its requests."""
+        old, self.runtime = self.runtime, runtime
+        return old
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """A proxied call."""
-        return await self.serve(request, self._proxy)
+        return await self.serve(request, self.proxy)
 
     async def serve(self, request: web.Request, answer: Answer) -> web.StreamResponse:
         """Any client call, proxied or answered by the gateway itself (``/v1/models``).
@@ -107,11 +91,13 @@ class Proxy:
         """
         ex = Exchange(rid=self.request_id(request), start=monotonic())
         gwlog.request_id.set(ex.rid)
+        rt = self.runtime
+        rt.enter()
         self.in_flight += 1
         self.idle.clear()
         try:
             try:
-                response = await self._guarded(request, ex, answer)
+                response = await self._guarded(request, ex, answer, rt)
             except GatewayError as err:
                 ex.status = err.status
                 if ex.ttfb is None:  # refused by the gateway, not answered by the upstream
@@ -133,22 +119,22 @@ class Proxy:
             record(self.metrics, request, ex, monotonic())
             return response
         finally:
+            rt.leave()
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
 
     async def _guarded(
-        self, request: web.Request, ex: Exchange, answer: Answer
+        self, request: web.Request, ex: Exchange, answer: Answer, rt: Runtime
     ) -> web.StreamResponse:
-        if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > self.max_header_bytes:
+        max_header_bytes = rt.settings.listen.max_header_bytes
+        if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > max_header_bytes:
             ex.close = True
-            raise HeadersTooLarge(
-                f"the request headers are over {self.max_header_bytes} bytes in total"
-            )
+            raise HeadersTooLarge(f"the request headers are over {max_header_bytes} bytes in total")
         # before check(): its 401/403 must be readable by an allowed origin's page too
-        ex.cors_origin = self.guard.allowed_origin(request)
+        ex.cors_origin = rt.guard.allowed_origin(request)
         try:
-            key = self.guard.check(request)
+            key = rt.guard.check(request)
         except (Unauthorized, Forbidden) as err:
             # a client without the right key or from a foreign page gets one answer per
             # connection: it cannot hold the connection open after it (issue 8)
@@ -163,34 +149,35 @@ class Proxy:
             return response
         if key is not None:
             ex.key = key.name
-        return await answer(request, ex, key)
+        return await answer(request, ex, key, rt)
 
-    async def _proxy(
-        self, request: web.Request, ex: Exchange, key: ApiKey | None
+    async def proxy(
+        self, request: web.Request, ex: Exchange, key: ApiKey | None, rt: Runtime
     ) -> web.StreamResponse:
+        """Answer a guarded call from the upstream its route names."""
         if self.draining:
             raise ServiceUnavailable("the gateway is shutting down; retry on another instance")
         target = self.targets(request.raw_path)
-        if self.key_digests and target.query:
-            target = replace(target, query=without_keys(target.query, self.key_digests))
-        group = self.router.match(target.path)
+        if rt.key_digests and target.query:
+            target = replace(target, query=without_keys(target.query, rt.key_digests))
+        group = rt.router.match(target.path)
         check_method(request.method, group.routes)
         # concurrency slots before the body is read: a slow upload holds a slot, not memory
         # beyond the limit (the route's when the path alone decides it, else after the body)
         taken: list[ConcurrencyLimit] = []
-        held = Held(self.body_budget)
+        held = Held(rt.body_budget)
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
         try:
-            if key is not None and key.name in self.key_limits:
-                _take(self.key_limits[key.name], taken)
+            if key is not None and key.name in rt.key_limits:
+                _take(rt.key_limits[key.name], taken)
             if len(group.routes) == 1:
-                _take(self.route_limits[group.routes[0].name], taken)
-            route, body = await self._select(request, group, key, ex, held)
+                _take(rt.route_limits[group.routes[0].name], taken)
+            route, body = await self._select(request, group, key, ex, held, rt)
             check_method(request.method, (route,))
             if len(group.routes) > 1:
-                _take(self.route_limits[route.name], taken)
-            return await self._forward(request, route, target, body, ex)
+                _take(rt.route_limits[route.name], taken)
+            return await self._forward(request, route, target, body, ex, rt)
         finally:
             held.release()
             for limit in taken:
@@ -203,16 +190,17 @@ class Proxy:
         key: ApiKey | None,
         ex: Exchange,
         held: Held,
+        rt: Runtime,
     ) -> tuple[Route, bytes]:
         """The route for this request and its body (read within the route's max_body)."""
         restricted = key is not None and key.models is not None
         if not group.needs_model and not restricted:
             route = group.routes[0]
             ex.route = route.name
-            return route, await self._body(request, route.max_body, ex, held)
+            return route, await self._body(request, route.max_body, ex, held, rt)
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
-        body = await self._body(request, max(r.max_body for r in group.routes), ex, held)
+        body = await self._body(request, max(r.max_body for r in group.routes), ex, held, rt)
         try:
             model = await sniff_model(body)
         except BadRequest as err:
@@ -231,29 +219,39 @@ class Proxy:
             raise too_large(len(body), route.max_body)
         return route, body
 
-    async def _body(self, request: web.Request, max_body: int, ex: Exchange, held: Held) -> bytes:
+    async def _body(
+        self, request: web.Request, max_body: int, ex: Exchange, held: Held, rt: Runtime
+    ) -> bytes:
         try:
-            return await read_body(request, max_body, self.body_timeout, held)
+            return await read_body(request, max_body, rt.settings.listen.body_timeout, held)
         except RequestTimeout:
             ex.close = True  # part of a body may still come: the connection cannot be reused
             raise
 
     async def _forward(
-        self, request: web.Request, route: Route, target: Target, body: bytes, ex: Exchange
+        self,
+        request: web.Request,
+        route: Route,
+        target: Target,
+        body: bytes,
+        ex: Exchange,
+        rt: Runtime,
     ) -> web.StreamResponse:
         total = route.timeouts.total
         deadline = ex.start + total if total else monotonic() + 10 * 365 * 86400.0
         outgoing = Outgoing(
             method=request.method,
-            url=self.bases[route.name].url(target),
+            url=rt.bases[route.name].url(target),
             headers=upstream_request_headers(
-                request.headers, trust_forwarded=self.trust_forwarded, keys=self.key_digests
+                request.headers,
+                trust_forwarded=rt.settings.listen.trust_forwarded,
+                keys=rt.key_digests,
             ),
             body=body,
         )
         outgoing.headers["X-Request-Id"] = ex.rid
         upstream = await send(
-            self.client, route, self.credentials[route.credential], outgoing, deadline
+            self.client, route, rt.credentials[route.credential], outgoing, deadline
         )
         try:
             ex.ttfb = monotonic() - ex.start
@@ -263,9 +261,7 @@ class Proxy:
             if is_small(upstream):
                 # only an error answer is searched for secrets to take out (apig_error)
                 secrets = (
-                    (*self.secrets, *sent_secrets(outgoing.headers))
-                    if upstream.status >= 400
-                    else ()
+                    (*rt.secrets, *sent_secrets(outgoing.headers)) if upstream.status >= 400 else ()
                 )
                 response = await whole(upstream, route, ex, deadline, self.metrics, secrets)
             else:

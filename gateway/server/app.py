@@ -9,15 +9,16 @@ from aiohttp import web
 
 from gateway._aiohttp import GatewayRunner
 from gateway.config.model import Settings
-from gateway.credentials import Credential, build_credentials
 from gateway.errors import error_body
 from gateway.http1 import UpstreamClient
 from gateway.metrics import Metrics
 from gateway.proxy import body
 from gateway.proxy.exchange import RequestIds
 from gateway.proxy.handler import Proxy
-from gateway.proxy.routing import Router
+from gateway.proxy.runtime import Runtime
 from gateway.server import endpoints
+from gateway.server.reload import ConfigSource, Reloader
+from gateway.server.runtimes import Runtimes
 from gateway.server.state import GATEWAY, METRICS, SETTINGS, Gateway
 
 __all__ = ["GATEWAY", "METRICS", "build_app", "make_runner"]
@@ -27,25 +28,32 @@ __all__ = ["GATEWAY", "METRICS", "build_app", "make_runner"]
 FINAL_WRITE_GRACE = 2.0
 
 
-def build_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    """The gateway's routes, its proxy, and the lifetime of what needs the event loop."""
+def build_app(
+    settings: Settings, metrics: Metrics | None = None, source: ConfigSource | None = None
+) -> web.Application:
+    """The gateway's routes, its proxy, and the lifetime of what needs the event loop.
+
+    With ``source`` (the file ``settings`` came from) the config can be reloaded while serving.
+    """
     metrics = metrics if metrics is not None else Metrics()
-    credentials: dict[str, Credential] = {}  # built at start-up: they need the loop's session
     client = UpstreamClient()  # proxied requests go through the lean HTTP/1.1 client
-    metrics.watch_pool([r.name for r in settings.routes], client.sizes)
-    proxy = Proxy(settings, client, credentials, metrics)
+    # the credentials are built at start-up (they need the loop's session): until then, none
+    proxy = Proxy(Runtime(settings, {}), client, metrics)
+    metrics.watch_pool(lambda: [r.name for r in proxy.runtime.settings.routes], client.sizes)
+    runtimes = Runtimes(proxy, metrics)
+    reloader = Reloader(source, runtimes, metrics) if source is not None else None
 
     app = web.Application(middlewares=[_not_origin_form(proxy.handle)])
     app[SETTINGS] = settings
     app[METRICS] = metrics
-    app[GATEWAY] = Gateway(settings, metrics, credentials, proxy)
-    app.cleanup_ctx.append(_lifetime(settings, metrics, credentials, client))
+    app[GATEWAY] = Gateway(metrics, proxy, runtimes, reloader)
+    app.cleanup_ctx.append(_lifetime(settings, runtimes, reloader, client))
     app.router.add_get("/healthz", endpoints.healthz)
     app.router.add_get("/readyz", endpoints.readyz)
     app.router.add_get("/metrics", endpoints.metrics)
-    if Router(settings.routes).models():
-        app.router.add_get("/v1/models", endpoints.models)
-        app.router.add_get("/v1/models/{id:.+}", endpoints.model)
+    # proxied instead while the config lists no models (a reload may add or remove them)
+    app.router.add_get("/v1/models", endpoints.models)
+    app.router.add_get("/v1/models/{id:.+}", endpoints.model)
     # "100 Continue" is the proxy's to send, once the headers cannot get the request refused
     app.router.add_route(
         "*", "/{tail:.*}", proxy.handle, expect_handler=_expect_later(proxy.request_id)
@@ -71,23 +79,22 @@ def _not_origin_form(handle: _Handler) -> Callable[..., Awaitable[web.StreamResp
 
 def _lifetime(
     settings: Settings,
-    metrics: Metrics,
-    credentials: dict[str, Credential],
+    runtimes: Runtimes,
+    reloader: Reloader | None,
     client: UpstreamClient,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         # IAM calls (rare) go through aiohttp's client session
         session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        credentials.update(
-            build_credentials(settings.credentials, session, metrics.token_refreshed)
-        )
-        for credential in credentials.values():
-            await credential.start()
+        await runtimes.start(session, settings)
+        if reloader is not None:
+            reloader.start()
         try:
             yield
         finally:
-            for credential in credentials.values():
-                await credential.close()
+            if reloader is not None:
+                await reloader.close()
+            await runtimes.close()
             await client.close()
             await session.close()
             body.shutdown()

@@ -12,6 +12,7 @@ from gateway.config.model import ApiKey
 from gateway.errors import NotFound
 from gateway.proxy.exchange import Exchange
 from gateway.proxy.guard import add_cors
+from gateway.proxy.runtime import Runtime
 from gateway.server.state import GATEWAY, METRICS
 
 _CREATED = int(time.time())
@@ -34,7 +35,8 @@ async def readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     if gw.proxy.draining:
         return _tagged(request, web.json_response({"status": "draining"}, status=503))
-    problems = [p for c in gw.credentials.values() if (p := c.ready()) is not None]
+    credentials = gw.proxy.runtime.credentials.values()
+    problems = [p for c in credentials if (p := c.ready()) is not None]
     if problems:
         body = {"status": "not ready", "problems": problems}
         return _tagged(request, web.json_response(body, status=503))
@@ -52,6 +54,7 @@ async def models(request: web.Request) -> web.StreamResponse:
     """``GET /v1/models`` in the OpenAI list format, from the routes' ``models``.
 
     A client call like any other, through the proxy's guard, access log and metrics (route ``-``).
+    When the config lists no models it is proxied like any other path (a reload may add some).
     """
     return await request.app[GATEWAY].proxy.serve(request, _model_list)
 
@@ -65,17 +68,25 @@ def _model(name: str) -> dict[str, object]:
     return {"id": name, "object": "model", "created": _CREATED, "owned_by": "modelarts"}
 
 
-async def _model_object(request: web.Request, ex: Exchange, key: ApiKey | None) -> web.Response:
+async def _model_object(
+    request: web.Request, ex: Exchange, key: ApiKey | None, rt: Runtime
+) -> web.StreamResponse:
     name = request.match_info["id"]
+    if not rt.router.models():
+        return await request.app[GATEWAY].proxy.proxy(request, ex, key, rt)
     allowed = key is None or key.models is None or name in key.models
-    if not allowed or not request.app[GATEWAY].proxy.router.serves(name):
+    if not allowed or not rt.router.serves(name):
         # the name is the client's own input: echoed only in a bounded form
         raise NotFound(f"the model '{name[:100]}' is not served here", code="model_not_found")
     return _answer(_model(name), ex)
 
 
-async def _model_list(request: web.Request, ex: Exchange, key: ApiKey | None) -> web.Response:
-    names = request.app[GATEWAY].proxy.router.models()
+async def _model_list(
+    request: web.Request, ex: Exchange, key: ApiKey | None, rt: Runtime
+) -> web.StreamResponse:
+    names = rt.router.models()
+    if not names:
+        return await request.app[GATEWAY].proxy.proxy(request, ex, key, rt)
     if key is not None and key.models is not None:
         names = [m for m in names if m in key.models]
     return _answer({"object": "list", "data": [_model(m) for m in names]}, ex)

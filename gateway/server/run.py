@@ -1,4 +1,7 @@
-"""Serving: start, tell systemd, wait for a signal, then drain like a good citizen."""
+"""Serving: start, tell systemd, wait for a signal, then drain like a good citizen.
+
+SIGTERM and SIGINT stop; SIGHUP re-reads the config file (``gateway/server/reload.py``).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from gateway.config.model import Settings
 from gateway.config.risks import start_up_risks
 from gateway.server.app import FINAL_WRITE_GRACE, build_app, make_runner
 from gateway.server.metrics_site import start_metrics_site
+from gateway.server.reload import ConfigSource
 from gateway.server.state import GATEWAY
 from gateway.server.supervisor import watch_parent
 from gateway.server.systemd import notify
@@ -50,6 +54,7 @@ async def drain(runner: web.AppRunner, grace: float, hurry: asyncio.Event) -> No
 async def serve(
     settings: Settings,
     *,
+    source: ConfigSource | None = None,
     notify_socket: str | None = None,
     started: Callable[[list[str]], None] | None = None,
     worker: int = 0,
@@ -57,14 +62,15 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, drain, and return (the CLI then exits 0).
 
-    ``worker`` is this process's index among several sharing the port (``--workers``, the
-    systemd template unit): its metrics port is ``listen.metrics_port + worker``. Under a
-    ``--workers`` supervisor, ``parent_fd`` is the pipe whose EOF means the supervisor is gone:
-    treated as a first SIGTERM.
+    With ``source`` (the config file), SIGHUP reloads it. ``worker`` is this process's index
+    among several sharing the port (``--workers``, the systemd template unit): its metrics port
+    is ``listen.metrics_port + worker``. Under a ``--workers`` supervisor, ``parent_fd`` is the
+    pipe whose EOF means the supervisor is gone: treated as a first SIGTERM.
     """
     for risk in start_up_risks(settings):
         log.warning("%s", risk)
-    app = build_app(settings)
+    app = build_app(settings, source=source)
+    gateway = app[GATEWAY]
     runner = make_runner(app)
     await runner.setup()
     signals = 0
@@ -76,8 +82,12 @@ async def serve(
         (stop if signals == 1 else hurry).set()
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handled = [signal.SIGTERM, signal.SIGINT]
+    for sig in handled:
         loop.add_signal_handler(sig, on_signal)
+    if gateway.reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, gateway.reloader.request)
+        handled.append(signal.SIGHUP)
     if parent_fd is not None:
         watch_parent(parent_fd, on_signal)
     side: web.AppRunner | None = None
@@ -103,12 +113,14 @@ async def serve(
             started(addresses)
         await stop.wait()
         log.info("stopping")
+        loop.remove_signal_handler(signal.SIGHUP)  # no reload while draining
         notify(notify_socket, "STOPPING=1")
-        await drain(runner, settings.listen.shutdown_grace, hurry)
+        # the grace of the config serving now: a reload may have changed it
+        await drain(runner, gateway.settings.listen.shutdown_grace, hurry)
     finally:
         if side is not None:
             await side.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in handled:
             loop.remove_signal_handler(sig)
 
 

@@ -5,6 +5,7 @@ No module-level state: two apps in one process (as in the tests) never interfere
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -13,16 +14,28 @@ from gateway.config.model import Settings
 from gateway.credentials import Credential
 from gateway.metrics import Metrics
 from gateway.proxy.handler import Proxy
+from gateway.server.reload import Reloader
+from gateway.server.runtimes import Runtimes
 
 
 @dataclass
 class Gateway:
-    settings: Settings
     metrics: Metrics
-    credentials: dict[str, Credential]
     proxy: Proxy
+    runtimes: Runtimes
+    reloader: Reloader | None = None  # only when serving from a config file
+
+    @property
+    def settings(self) -> Settings:
+        """The config serving new requests now (a reload replaces it)."""
+        return self.proxy.runtime.settings
+
+    @property
+    def credentials(self) -> Mapping[str, Credential]:
+        """The credentials serving new requests now."""
+        return self.proxy.runtime.credentials
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
-SETTINGS = web.AppKey("settings", Settings)
+SETTINGS = web.AppKey("settings", Settings)  # the config the app started with
 METRICS = web.AppKey("metrics", Metrics)

@@ -209,6 +209,8 @@ class Supervisor:
         notify(self.notify_socket, "READY=1")
 
     def _forward(self, sig: signal.Signals) -> None:
+        if sig not in STOPPING and self.stopping:
+            return  # no reload while draining: a draining worker no longer handles SIGHUP
         if sig in STOPPING and not self.stopping:
             self.stopping = True
             log.info("stopping %d worker(s)", len(self.workers))
