@@ -214,7 +214,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             raise NotSent("the connection closed before the request was written")
-        self._parser = response_parser(self, method, READ_BUFSIZE)
+        self._parser = response_parser(self, method, READ_BUFSIZE, self._loop)
         self._payload = None
         self._should_close = False
         waiter = self._waiter = self._loop.create_future()
