@@ -344,6 +344,14 @@ class UpstreamClient:
             conn.close()
         return None
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this client runs on (found once, then remembered)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def give_back(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, deque())
         if len(idle) >= self._max_idle:

@@ -7,11 +7,15 @@ target is refused every time, never remembered.
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from yarl import URL
 
 from gateway.errors import BadRequest
 from gateway.proxy import target as target_module
+from gateway.proxy.deadline import Deadline
 from gateway.proxy.target import REMEMBERED, Targets, UpstreamBase, parse_target
 
 
@@ -66,3 +70,49 @@ def test_a_remembered_url_is_the_one_built_and_a_query_url_is_built_each_time() 
     query = parse_target("/v1/models?limit=5")
     assert str(base.url(query)) == "https://svc.example.com:8443/v1/infers/abc/v1/models?limit=5"
     assert "/v1/models" not in base._urls
+
+
+# --- Deadline: asyncio.timeout's semantics with the loop given (no getpid() per request) ----
+
+
+def deadline_of(kind: str, delay: float) -> Any:
+    if kind == "asyncio.timeout":
+        return asyncio.timeout(delay)
+    return Deadline(asyncio.get_running_loop(), delay)
+
+
+KINDS = ["asyncio.timeout", "Deadline"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_block_outlasting_its_deadline_raises_timeout_error(kind: str) -> None:
+    never = asyncio.get_running_loop().create_future()
+    with pytest.raises(TimeoutError):
+        async with deadline_of(kind, 0.01):
+            await never
+    await asyncio.sleep(0)  # no cancellation left pending on the task
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_block_done_in_time_leaves_nothing_behind(kind: str) -> None:
+    async with deadline_of(kind, 5):
+        await asyncio.sleep(0)
+    assert asyncio.current_task() is not None
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    await asyncio.sleep(0.02)  # the timer was cancelled: nothing fires later
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_outside_cancellation_stays_a_cancellation(kind: str) -> None:
+    started = asyncio.Event()
+
+    async def client_call() -> None:
+        async with deadline_of(kind, 5):
+            started.set()
+            await asyncio.get_running_loop().create_future()
+
+    task = asyncio.create_task(client_call())
+    await started.wait()
+    task.cancel()  # the client went away: 499, not a 504
+    with pytest.raises(asyncio.CancelledError):
+        await task
