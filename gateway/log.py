@@ -38,6 +38,8 @@ ACCESS_FIELDS = (
     "ttfb_ms",
     "bytes",
     "end",
+    "prompt_tokens",
+    "completion_tokens",
     "upstream_request_id",  # only when an APIG error was re-shaped
 )
 

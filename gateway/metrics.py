@@ -204,6 +204,14 @@ class Metrics:
             ["key", "status"],
             registry=r,
         )
+        # issue 11: label values from config only (route, key and model names), kind an enum
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens the answers reported in their usage, by route, API key, model and kind"
+            " (prompt, completion).",
+            ["route", "key", "model", "kind"],
+            registry=r,
+        )
         self._chunks: dict[str, ChunkStats] = {}
         r.register(_ChunkCollector(self._chunks))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

@@ -42,6 +42,7 @@ EXPECTED_METRICS = frozenset(
         "gateway_token_expiry_timestamp_seconds",
         "gateway_rejected_total",
         "gateway_key_requests_total",
+        "gateway_tokens_total",
     }
 )
 HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")

@@ -77,6 +77,8 @@ ACCESS_KEYS = (
     "ttfb_ms",
     "bytes",
     "end",
+    "prompt_tokens",
+    "completion_tokens",
 )
 
 
@@ -253,8 +255,12 @@ async def test_metric_labels_never_come_from_a_client_path_or_model(
     }
     assert "done" in stream_ends and stream_ends <= set(STREAM_END_REASONS)
     assert seen["result"] <= {"ok", "error", "rejected"}
+    # issue 11: tokens by the configured model name ("-" on a route without models)
+    assert "-" in seen["model"] and seen["model"] <= {MODEL, "embed-model", "-"}
+    assert seen["kind"] <= {"prompt", "completion"}
     assert seen["state"] <= {"idle", "active"}
-    assert set(seen) <= {"route", "status", "reason", "result", "key", "credential", "state"}
+    labels = {"route", "status", "reason", "result", "key", "credential", "state", "model", "kind"}
+    assert set(seen) <= labels
     assert seen["route"] | seen["key"] | seen["credential"] <= config_names
 
 
@@ -587,7 +593,10 @@ async def test_access_log_has_one_text_line_per_request_with_every_field(
     assert stream["status"] == "200" and stream["end"] == "done"
     assert float(stream["duration_ms"]) >= float(stream["ttfb_ms"]) >= 0
     assert int(stream["bytes"]) > 0
+    assert stream["prompt_tokens"] == stream["completion_tokens"] == "-"  # it asked for none
     assert by_id["access-1"]["key"] == "bob"
+    assert by_id["access-1"]["prompt_tokens"].isdigit()  # the JSON answer's usage
+    assert by_id["access-1"]["completion_tokens"].isdigit()
     unauthorized = by_id["access-2"]
     assert unauthorized["status"] == "401" and unauthorized["key"] == "-"
     assert unauthorized["ttfb_ms"] == "-"
@@ -613,6 +622,9 @@ async def test_access_log_json_lines_have_every_field(cloud: FakeCloud, spawn: S
         assert isinstance(entry["duration_ms"], float | int)
     first = next(e for e in access if e["request_id"] == "access-0")
     assert first["key"] == "alice" and first["route"] == "chat" and first["end"] == "done"
+    assert first["prompt_tokens"] == "-"
+    second = next(e for e in access if e["request_id"] == "access-1")
+    assert isinstance(second["prompt_tokens"], int) and isinstance(second["completion_tokens"], int)
     assert {e["level"] for e in entries} <= {"debug", "info", "warning", "error"}
 
 

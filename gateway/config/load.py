@@ -592,18 +592,15 @@ def _parse_route(
     if credential and credential not in credentials:
         known = ", ".join(credentials) or "none defined"
         s.problem("credential", f"no credential named {credential!r} (known: {known})")
-    models_raw = s.get("models", [])
-    models: tuple[str, ...] = ()
-    if not isinstance(models_raw, list) or not all(isinstance(m, str) and m for m in models_raw):
-        s.problem("models", "must be a list of model names")
-    else:
-        models = tuple(models_raw)
+    models, aliases = _models(s)
     route = Route(
         name=name,
         path=path,
         upstream=_url(s, "upstream"),
         credential=credential,
         models=models,
+        aliases=aliases,
+        include_usage=_boolean(s, "include_usage"),
         max_body=s.convert("max_body", 8 * 1024 * 1024, parse_size),
         max_concurrency=s.integer("max_concurrency", 64, 1),
         heartbeat=s.convert("heartbeat", 15.0, parse_duration),
@@ -613,6 +610,36 @@ def _parse_route(
     )
     s.finish()
     return route
+
+
+def _models(s: _Section) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """``models``: plain names, or ``{name, upstream}`` for a public name the service knows by
+    another; returns (public names, (public, upstream) pairs of the mapped entries)."""
+    raw = s.get("models", [])
+    if not isinstance(raw, list):
+        s.problem("models", "must be a list of model names or {name, upstream} mappings")
+        return (), ()
+    names: list[str] = []
+    aliases: list[tuple[str, str]] = []
+    for i, item in enumerate(raw):
+        key = f"{s.sub('models')}[{i}]"
+        public = ""
+        if isinstance(item, str) and item:
+            public = item
+        elif not isinstance(item, dict):
+            s.problems.append(f"{key}: must be a model name or a mapping {{name, upstream}}")
+        else:
+            entry = _Section(item, key, s.problems)
+            public = entry.string("name", required=True)
+            upstream = entry.string("upstream", required=True)
+            entry.finish()
+            if public and upstream:
+                aliases.append((public, upstream))
+        if public in names:
+            s.problems.append(f"{key}: model {public!r} is listed twice")
+        elif public:
+            names.append(public)
+    return tuple(names), tuple(aliases)
 
 
 DEFAULT_METHODS = ("GET", "HEAD", "POST")
@@ -671,7 +698,7 @@ def _parse_routes(
         claimed: dict[str, int] = {}
         for i in indexes:
             for model in routes[i].models:
-                if model in claimed:
+                if model in claimed and claimed[model] != i:
                     problems.append(
                         f"routes[{i}].models: model {model!r} is already served by "
                         f"routes[{claimed[model]}] on the same path"

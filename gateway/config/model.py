@@ -51,7 +51,10 @@ class Route:
     path: str
     upstream: URL
     credential: str
-    models: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # the public names: routing, /v1/models, key allowlists
+    # public name -> the name the service expects, for the entries given as {name, upstream}
+    aliases: tuple[tuple[str, str], ...] = ()
+    include_usage: bool = False  # ask streams for usage (stream_options), hide the answer's
     max_body: int = 8 * 1024 * 1024
     max_concurrency: int = 64
     heartbeat: float = 15.0
@@ -63,6 +66,11 @@ class Route:
     def upstream_base(self) -> str:
         """``upstream`` as text without a trailing slash, for joining request paths per call."""
         return str(self.upstream).rstrip("/")
+
+    @cached_property
+    def upstream_models(self) -> dict[str, str]:
+        """Public model name -> upstream name, only for aliases that really rename."""
+        return {public: upstream for public, upstream in self.aliases if public != upstream}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import itertools
 import logging
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -19,6 +19,7 @@ from gateway.errors import (
     MethodNotAllowed,
 )
 from gateway.metrics import Metrics
+from gateway.proxy.usage import Usage
 
 log = logging.getLogger("gateway.proxy")
 
@@ -61,12 +62,19 @@ def error_response(err: GatewayError, rid: str) -> web.Response:
 
 @dataclass
 class Exchange:
-    """What one request did, for the access log and metrics."""
+    """What one request did, for the access log and metrics.
+
+    ``usage`` is filled by the response stage as the answer passes (whole JSON body, or the SSE
+    event carrying it) and is final when :func:`record` runs at the request's end: that is the
+    one place to count a request's tokens.
+    """
 
     rid: str
     start: float
     route: str = "-"
     key: str = "-"
+    model: str = "-"  # the configured (public) model name the request selected
+    usage: Usage = field(default_factory=Usage)
     status: int = 0
     ttfb: float | None = None
     bytes: int = 0
@@ -86,6 +94,12 @@ def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> 
         m.child(m.duration, ex.route).observe(duration)
     if ex.key != "-":
         m.child(m.key_requests, ex.key, status).inc()
+    usage = ex.usage
+    if ex.route != "-" and usage.known:
+        if usage.prompt:
+            m.child(m.tokens, ex.route, ex.key, ex.model, "prompt").inc(usage.prompt)
+        if usage.completion:
+            m.child(m.tokens, ex.route, ex.key, ex.model, "completion").inc(usage.completion)
     gwlog.access(
         request_id=ex.rid,
         key=ex.key,
@@ -98,5 +112,7 @@ def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> 
         ttfb_ms=round(ex.ttfb * 1000, 1) if ex.ttfb is not None else "-",
         bytes=ex.bytes,
         end=ex.end,
+        prompt_tokens="-" if usage.prompt is None else usage.prompt,
+        completion_tokens="-" if usage.completion is None else usage.completion,
         **({"upstream_request_id": ex.upstream_request_id} if ex.upstream_request_id else {}),
     )

@@ -24,7 +24,6 @@ from gateway import log as gwlog
 from gateway.config.model import ApiKey, Route
 from gateway.credentials import Outgoing
 from gateway.errors import (
-    BadRequest,
     Forbidden,
     GatewayError,
     HeadersTooLarge,
@@ -34,7 +33,7 @@ from gateway.errors import (
 )
 from gateway.http1 import UpstreamClient
 from gateway.metrics import Metrics
-from gateway.proxy.body import sniff_model
+from gateway.proxy.body import BodyInfo, model_edit, sniff, splice
 from gateway.proxy.exchange import CLIENT_GONE, Exchange, RequestIds, error_response, record
 from gateway.proxy.failures import AuthFailures
 from gateway.proxy.guard import add_cors, preflight
@@ -192,22 +191,26 @@ class Proxy:
         held: Held,
         rt: Runtime,
     ) -> tuple[Route, bytes]:
-        """The route for this request and its body (read within the route's max_body)."""
+        """The route for this request and its body (read within the route's max_body), edited
+        for the route: a model alias's upstream name, ``include_usage``."""
         restricted = key is not None and key.models is not None
         if not group.needs_model and not restricted:
             route = group.routes[0]
             ex.route = route.name
-            return route, await self._body(request, route.max_body, ex, held, rt)
+            body = await self._body(request, route.max_body, ex, held, rt)
+            if not route.include_usage:
+                return route, body
+            return route, _edited(route, body, await sniff(body), None, ex)
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
         body = await self._body(request, max(r.max_body for r in group.routes), ex, held, rt)
-        try:
-            model = await sniff_model(body)
-        except BadRequest as err:
+        info = await sniff(body)
+        model = info.model
+        if info.error is not None:
             # a body that is not JSON goes to the path's default route, unless a key's allowlist
             # must read its model (then it stays a 400, as does an ambiguous or non-string model)
-            if err.code != "invalid_json" or restricted or group.default is None:
-                raise
+            if info.error[0] != "invalid_json" or restricted or group.default is None:
+                info.raise_error()
             model = None
         if key is not None and key.models is not None and model not in key.models:
             raise Forbidden(
@@ -217,7 +220,7 @@ class Proxy:
         ex.route = route.name
         if len(body) > route.max_body:
             raise too_large(len(body), route.max_body)
-        return route, body
+        return route, _edited(route, body, info, model, ex)
 
     async def _body(
         self, request: web.Request, max_body: int, ex: Exchange, held: Held, rt: Runtime
@@ -278,6 +281,21 @@ class Proxy:
             # back to the pool when the body was read to its end; aiohttp closes it otherwise
             upstream.release()
         return response
+
+
+def _edited(route: Route, body: bytes, info: BodyInfo, model: str | None, ex: Exchange) -> bytes:
+    """``body`` as it goes up ``route``: the alias's upstream name for ``model``, usage asked
+    for; ``ex`` learns the model's label and whether the answer's usage event is ours."""
+    if model is not None and model in route.models:
+        ex.model = model  # a configured name: the only kind a metric label may carry
+    edits = []
+    upstream_name = route.upstream_models.get(model) if model is not None else None
+    if upstream_name is not None:
+        edits.append(model_edit(info, upstream_name))
+    if route.include_usage and info.ask_usage is not None:
+        edits.append(info.ask_usage)
+        ex.usage.hide_event = True
+    return splice(body, edits) if edits else body
 
 
 def _take(limit: ConcurrencyLimit, taken: list[ConcurrencyLimit]) -> None:

@@ -27,6 +27,7 @@ from gateway.proxy.guard import add_cors
 from gateway.proxy.headers import client_response_headers
 from gateway.proxy.redact import redact
 from gateway.proxy.sse import Relay
+from gateway.proxy.usage import UsageTap, from_json, from_tail
 
 log = logging.getLogger("gateway.upstream")
 
@@ -126,6 +127,8 @@ async def whole(
     an error in APIG's shape is re-shaped for OpenAI clients on the way.
     """
     body = await read_small_body(upstream, route, deadline)
+    if _readable(upstream):
+        from_json(body, ex.usage)
     metrics.chunk_stats(route.name).bytes += len(body)
     ex.bytes = len(body)
     ex.end = "done"
@@ -182,6 +185,7 @@ async def relay_body(
         deadline=deadline,
         heartbeat=route.heartbeat,
         on_heartbeat=metrics.child(metrics.heartbeats, route.name).inc,
+        tap=UsageTap(ex.usage) if sse and _readable(upstream) else None,
     )
     active = metrics.child(metrics.active_streams, route.name)
     active.inc()
@@ -194,11 +198,19 @@ async def relay_body(
         active.dec()
         ex.bytes = relay.bytes
         metrics.child(metrics.stream_end, route.name, ex.end).inc()
+        if not sse and _readable(upstream) and upstream.content_type == "application/json":
+            from_tail(relay.last_bytes, ex.usage)
     if ex.end == "client_gone":
         ex.status = CLIENT_GONE
     elif ex.end != "done":
         log.warning("stream ended early: %s", ex.end)
     return response
+
+
+def _readable(upstream: UpstreamResponse) -> bool:
+    """True unless the body is compressed (passed on as is: its usage cannot be read)."""
+    encoding = upstream.headers.get("Content-Encoding")
+    return encoding is None or encoding.lower() == "identity"
 
 
 def is_small(upstream: UpstreamResponse) -> bool:

@@ -14,6 +14,11 @@ SSE framing is honoured only at the edges: heartbeats (``: keep-alive``) and the
 ``event: error`` are written only when the bytes relayed so far end on an event boundary (a blank
 line, per the HTML spec's event-stream grammar: CRLF, LF or CR line ends). Inside a half-received
 event the connection is closed instead, so a truncated stream never looks like a clean end.
+
+Every SSE answer is watched for its ``usage`` (gateway/proxy/usage.py) at the cost of one
+``endswith`` and one substring search of the chunk's last KiB; only a chunk that ends inside an
+event or has ``"usage"`` near its end goes to the watcher, which may hold back or cut out bytes
+when the gateway itself asked for usage (``include_usage``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from time import monotonic
 from typing import Protocol
 
 from gateway.metrics import ChunkStats
+from gateway.proxy.usage import EVENT_ENDS, TAIL, USAGE_KEY, UsageTap
 
 HEARTBEAT = b": keep-alive\n\n"
 _BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n")
@@ -124,8 +130,10 @@ class Relay:
         deadline: float | None = None,
         heartbeat: float = 0.0,
         on_heartbeat: Callable[[], None] | None = None,
+        tap: UsageTap | None = None,
     ) -> None:
         self._source = source
+        self._tap = tap
         self._sink = sink
         self._sse = sse
         self._stats = stats
@@ -186,13 +194,20 @@ class Relay:
     def at_boundary(self) -> bool:
         return ends_event(self._prev, self._tail)
 
+    @property
+    def last_bytes(self) -> bytes:
+        """The last two chunks sent: where a large JSON answer keeps its ``usage``."""
+        return self._prev + self._tail
+
     # --- the copy --------------------------------------------------------------------------
 
     def _pump(self) -> None:
         """Move every buffered upstream chunk to the client, then wait to be woken again."""
         if self._reason or self._blocked:
             return
-        source, sink, stats = self._source, self._sink, self._stats
+        source, sink, stats, tap = self._source, self._sink, self._stats, self._tap
+        # find(key, -TAIL) searches the last TAIL bytes (all of a shorter chunk)
+        ends, usage_key, tail = EVENT_ENDS, USAGE_KEY, -TAIL
         while True:
             try:
                 chunk = source.take()
@@ -203,10 +218,18 @@ class Relay:
                 break
             now = monotonic()
             stats.gap(now - self._last)
+            self._last = now
+            # the usage watcher's test, inline: a method call would cost as much as the test
+            # itself (`in` on bytes first tries the needle as an int: find() is cheaper)
+            if tap is not None and (
+                tap.pending or not chunk.endswith(ends) or chunk.find(usage_key, tail) >= 0
+            ):
+                chunk = tap.feed(chunk)  # usage read; hidden or held back when it is ours
+                if not chunk:
+                    continue
             size = len(chunk)
             stats.bytes += size
             self.bytes += size
-            self._last = now
             self._prev, self._tail = self._tail, chunk
             try:
                 sink.write(chunk)
@@ -218,7 +241,7 @@ class Relay:
                 self._drainer = self._loop.create_task(self._wait_for_client())
                 return
         if source.at_eof():
-            if self._sse and not self.at_boundary:
+            if self._sse and (not self.at_boundary or (tap is not None and tap.pending)):
                 # a body that ends inside an event (a close-delimited one cut by a FIN, or one
                 # whose upstream just stopped there) is reported as the cut it is
                 self._sink.abort()
