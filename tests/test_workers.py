@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -76,8 +77,6 @@ def pair_of_free_ports() -> int:
 
 
 def _free(port: int) -> bool:
-    import socket
-
     with socket.socket() as sock:
         try:
             sock.bind(("127.0.0.1", port))
@@ -274,6 +273,26 @@ async def test_sigterm_drains_every_worker_with_a_stream_in_flight_finishing(
     assert "Traceback" not in log
     with pytest.raises(aiohttp.ClientConnectorError):
         await fresh_get(gw.url + "/healthz")
+
+
+async def test_the_supervisor_tells_systemd_ready_once_every_worker_serves(
+    cloud: FakeCloud, spawn: Spawn, tmp_path: Path
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        gw = await spawn(base_config(cloud), NOTIFY_SOCKET=str(path))
+        message = await asyncio.wait_for(loop.sock_recv(sock, 4096), WAIT)
+        assert message == b"READY=1"
+        assert len(await pids_answering(gw.url, 2)) == 2
+        gw.proc.send_signal(signal.SIGTERM)
+        message = await asyncio.wait_for(loop.sock_recv(sock, 4096), WAIT)
+        assert message == b"STOPPING=1"  # one of each: the workers' own went to the supervisor
+        assert await gw.exit_code() == 0
+        with pytest.raises(BlockingIOError):
+            sock.recv(4096)
 
 
 async def test_sighup_to_the_supervisor_reloads_every_worker(

@@ -198,15 +198,17 @@ class Supervisor:
         return 1 if failed else 0
 
     async def _await_ready(self, ready_sock: socket.socket) -> None:
-        """READY=1 to systemd once every worker has sent its own."""
+        """READY=1 to systemd once every worker has sent its own; later messages (STOPPING=1)
+        are read and dropped, so a worker's notify never waits on a full socket queue."""
         loop = asyncio.get_running_loop()
         seen = 0
-        while seen < self.count:
+        while True:
             message = await loop.sock_recv(ready_sock, 4096)
-            if b"READY=1" in message.split(b"\n"):
+            if seen < self.count and b"READY=1" in message.split(b"\n"):
                 seen += 1
-        log.info("all %d workers serving", self.count)
-        notify(self.notify_socket, "READY=1")
+                if seen == self.count:
+                    log.info("all %d workers serving", self.count)
+                    notify(self.notify_socket, "READY=1")
 
     def _forward(self, sig: signal.Signals) -> None:
         if sig not in STOPPING and self.stopping:
