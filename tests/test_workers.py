@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -233,8 +234,9 @@ async def test_two_workers_answer_on_one_port_with_one_iam_call_and_metrics_per_
     assert "Traceback" not in gw.log()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_sigterm_drains_every_worker_with_a_stream_in_flight_finishing(
-    cloud: FakeCloud, spawn: Spawn
+    cloud: FakeCloud, spawn: Spawn, sig: signal.Signals
 ) -> None:
     config = base_config(cloud)
     config["listen"]["shutdown_grace"] = "20s"
@@ -258,7 +260,7 @@ async def test_sigterm_drains_every_worker_with_a_stream_in_flight_finishing(
                 break
         assert all(active), "a stream in flight on each worker"
 
-        gw.proc.send_signal(signal.SIGTERM)
+        gw.proc.send_signal(sig)
         bodies = [await asyncio.wait_for(resp.content.read(), WAIT) for _, resp in streams]
     finally:
         for http, resp in streams:
@@ -327,6 +329,34 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(
     assert all(refused), "each worker applies the reloaded config"
     gw.proc.send_signal(signal.SIGTERM)
     assert await gw.exit_code() == 0
+
+
+async def test_with_port_0_every_worker_gets_the_port_the_supervisor_picked(
+    cloud: FakeCloud, tmp_path: Path
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(base_config(cloud)), encoding="utf-8")  # listen.port: 0
+    log_path = tmp_path / "gateway.log"
+    environ = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    with log_path.open("wb") as log_file:
+        proc = await start_gateway_process(
+            "--config", str(path), "--workers", "2", env=environ, stderr=log_file
+        )
+    try:
+
+        async def both_serving() -> bool:
+            return log_path.read_text().count("serving on http://127.0.0.1:") == 2
+
+        await until(both_serving, "both workers serve")
+        ports = set(re.findall(r"serving on http://127\.0\.0\.1:(\d+)", log_path.read_text()))
+        (port,) = ports  # one port for both
+        assert int(port) > 0
+        pids = await pids_answering(f"http://127.0.0.1:{port}", 2)
+        assert len(pids) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), WAIT) == 0
+    finally:
+        await stop_process(proc)
 
 
 async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
