@@ -9,7 +9,9 @@
     │   ├── MethodNotAllowed          405 method_not_allowed (with Allow)
     │   ├── RequestTimeout            408 request_timeout (the body did not arrive in time)
     │   ├── PayloadTooLarge           413 request_too_large
-    │   ├── TooManyRequests           429 concurrency_limit
+    │   ├── TooManyRequests           429 concurrency_limit (a route's max_concurrency)
+    │   │   └── RateLimited           429 rate_limit_exceeded (a key's limits, with Retry-After)
+    │   │       └── QuotaExceeded     429 insufficient_quota (a key's tokens_per_day)
     │   └── HeadersTooLarge           431 headers_too_large
     └── UpstreamError                 5xx: the gateway could not get an answer
         ├── CredentialUnavailable     502 credential_unavailable (IAM down, wrong password, ...)
@@ -17,6 +19,7 @@
         ├── UpstreamUnreachable       502 upstream_unreachable
         ├── UpstreamTimeout           504 upstream_timeout (no response headers within first_byte)
         └── ServiceUnavailable        503 draining / buffer_full
+            └── LimitsUnavailable     503 limits_unavailable (limits_store.on_error: deny)
 
 Messages are fixed text written here or by the raiser; they never carry a header value, a body,
 a token or a password. Details for operators go to the log, keyed by request id.
@@ -108,6 +111,28 @@ class TooManyRequests(ClientError):
     code = "concurrency_limit"
 
 
+class RateLimited(TooManyRequests):
+    """A key over one of its limits; ``retry_after``: whole seconds until it is admitted again.
+
+    Type and code as OpenAI's own rate-limit answers (``requests`` or ``tokens``,
+    ``rate_limit_exceeded``), which its SDKs raise as ``RateLimitError``.
+    """
+
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, type_: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        if type_ is not None:
+            self.type = type_
+
+
+class QuotaExceeded(RateLimited):
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
@@ -136,3 +161,7 @@ class ServiceUnavailable(UpstreamError):
     status = 503
     type = "server_error"
     code = "draining"
+
+
+class LimitsUnavailable(ServiceUnavailable):
+    code = "limits_unavailable"

@@ -234,6 +234,19 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        # issue 11: per-key limits and the store that counts them
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "Requests refused by a key's limits, by key name and limit.",
+            ["key", "limit"],
+            registry=r,
+        )
+        self.limits_store_errors = Counter(
+            "gateway_limits_store_errors",
+            "Calls to the limits store that failed (limits_store.on_error applied), by operation.",
+            ["operation"],
+            registry=r,
+        )
 
     def watch_pool(
         self,

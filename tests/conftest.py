@@ -9,12 +9,13 @@ import logging
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
+import loopback_only
 import pytest
 from aiohttp import web
 from yarl import URL
@@ -25,6 +26,18 @@ from gateway.metrics import Metrics
 from gateway.server.app import build_app, make_runner
 from gateway.server.state import METRICS
 from gateway.testing import FakeCloud, start_fake_cloud
+
+loopback_only.install()
+
+
+@pytest.fixture(autouse=True)
+def _only_loopback() -> Iterator[None]:
+    """Fail any test that tried to reach an address other than loopback (tests/loopback_only.py)."""
+    start = len(loopback_only.blocked)
+    yield
+    tried = loopback_only.blocked[start:]
+    assert not tried, f"the test tried to leave loopback: {tried}"
+
 
 MODEL = "qwen2-7b"
 ROOT = Path(__file__).resolve().parents[1]  # the repository: cwd of every gateway process

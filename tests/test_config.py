@@ -20,7 +20,13 @@ from conftest import (
     wait_healthy,
 )
 
-from gateway.config.load import ConfigError, load_config, parse_settings
+from gateway.config.load import (
+    CREDENTIAL_TYPES,
+    ENVIRON_CREDENTIAL_TYPES,
+    ConfigError,
+    load_config,
+    parse_settings,
+)
 from gateway.config.model import IamPasswordCredential, StaticTokenCredential
 from gateway.config.units import parse_duration
 
@@ -306,6 +312,8 @@ def test_example_config_mentions_every_documented_key() -> None:
         '"8MiB"',
     ):
         assert key in text, key
+    for kind in [*CREDENTIAL_TYPES, *ENVIRON_CREDENTIAL_TYPES]:  # every type, with an example
+        assert f"type: {kind}" in text, kind
     assert isinstance(yaml.safe_load(text), dict)
 
 

@@ -42,6 +42,8 @@ EXPECTED_METRICS = frozenset(
         "gateway_token_expiry_timestamp_seconds",
         "gateway_rejected_total",
         "gateway_key_requests_total",
+        "gateway_rate_limited_total",
+        "gateway_limits_store_errors_total",
         "gateway_tokens_total",
     }
 )
@@ -89,13 +91,20 @@ def dashboard_metric_names() -> set[str]:
     return {HISTOGRAM_SUFFIX.sub("", name) for text in texts for name in METRIC_NAME.findall(text)}
 
 
+def runs_gateway(doc: dict[str, Any]) -> bool:
+    pod = doc["spec"]["template"]["spec"]
+    containers = pod.get("initContainers", []) + pod.get("containers", [])
+    return any("--config" in c.get("args", []) for c in containers)
+
+
 def deployment_params() -> list[Any]:
-    """(manifest, Deployment) for every Deployment under deploy/kubernetes/."""
+    """(manifest, Deployment) for every Deployment under deploy/kubernetes/ that runs the
+    gateway (redis.yaml's Redis does not)."""
     return [
         pytest.param(path, doc, id=f"{path.name}:{doc['metadata']['name']}")
         for path in MANIFESTS
         for doc in load_all(path)
-        if doc.get("kind") == "Deployment"
+        if doc.get("kind") == "Deployment" and runs_gateway(doc)
     ]
 
 
@@ -303,6 +312,38 @@ def test_service_monitor_scrapes_metrics_from_the_service_port() -> None:
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["path"] == "/metrics"
         assert endpoint["port"] in port_names
+
+
+def test_team_replicas_share_their_key_limits_through_the_redis_of_redis_yaml() -> None:
+    team = DEPLOY / "kubernetes" / "team.yaml"
+    (deployment,) = (d for d in load_all(team) if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    config = gateway_config(team, pod)
+    assert deployment["spec"]["replicas"] > 1
+    store = config["limits_store"]
+    assert store["type"] == "redis"
+    env = {e["name"]: e for e in gateway_container(pod)["env"]}
+    variable = store["url"].removeprefix("${").removesuffix("}")
+    url = env[variable]["value"]
+    assert config["listen"]["key_defaults"], "every key gets limits"
+    # token limits see a stream's tokens only when it reports usage
+    assert all(route.get("include_usage") is True for route in config["routes"])
+
+    redis_docs = load_all(DEPLOY / "kubernetes" / "redis.yaml")
+    (service,) = (d for d in redis_docs if d["kind"] == "Service")
+    (redis,) = (d for d in redis_docs if d["kind"] == "Deployment")
+    (policy,) = (d for d in redis_docs if d["kind"] == "NetworkPolicy")
+    port = service["spec"]["ports"][0]["port"]
+    assert url == f"redis://{service['metadata']['name']}:{port}/0"
+    assert redis["spec"]["replicas"] == 1, "two Redis would be two separate limits"
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= redis_labels.items()
+    # only the gateway pods may reach it: anyone else could reset a key's counts
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    (allowed,) = policy["spec"]["ingress"][0]["from"]
+    gateway_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert allowed["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+    assert not allowed["podSelector"]["matchLabels"].items() <= redis_labels.items()
 
 
 # ---- (c2) workload identity: no stored credential -------------------------------------------

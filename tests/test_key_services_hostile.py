@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -181,3 +182,21 @@ async def test_pod_identity_token_files_that_hold_no_token(
     async with aiohttp.ClientSession() as session:
         with pytest.raises(FetchFailed, match=reason):
             await PodIdentityService(URL(url + "/pod"), token, session).fetch()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2026-12-03T10:00:00", "2026-12-03T10:00:00.000000", "2026-12-03T10:00:00.000000Z"],
+)
+def test_an_expires_at_without_a_zone_is_utc_whatever_the_machines_zone(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read as local time (the SDK's time.mktime), a node west of UTC would put the expiry
+    hours late and sign with dead keys. The gateway takes it as UTC."""
+    monkeypatch.setenv("TZ", "Asia/Shanghai")
+    time.tzset()
+    try:
+        assert key_services.parse_expiry(text, "ecs_metadata") == 1796292000.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()

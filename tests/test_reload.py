@@ -42,6 +42,7 @@ from gateway.server.app import build_app, make_runner
 from gateway.server.reload import ConfigSource, Reloader, digest
 from gateway.server.state import GATEWAY
 from gateway.testing import FakeCloud, serve_on_loopback
+from gateway.testing.metadata import start_platform
 
 WAIT = 10.0  # bound on anything that must happen (a log line, a reload, the stream's end)
 
@@ -603,6 +604,60 @@ async def test_agency_is_kept_with_its_via_and_rebuilt_when_the_via_changes(
         assert "credentials: new main side; dropped main side" in line, line
 
 
+async def test_workload_identity_and_temporary_keys_are_kept_when_unchanged(
+    cloud: FakeCloud, live: LiveFactory, tmp_path: Path
+) -> None:
+    """Issue 12's types across a reload: kept (no new fetch, same cache) when their definition
+    did not change; the one whose definition changed is rebuilt and fetches anew."""
+    platform = await start_platform([cloud.modelarts], "pod-token-for-reload")
+    try:
+        sa_token, pod_token = tmp_path / "sa-token", tmp_path / "pod-token"
+        sa_token.write_text(cloud.iam.provider.mint())
+        pod_token.write_text("pod-token-for-reload")
+        config = team_config(cloud, cloud.service_url)
+        config["credentials"] = {
+            "main": cloud.iam_password_config(),
+            "side": cloud.workload_identity_config(str(sa_token)),
+            "md": {"type": "ecs_metadata", "metadata_url": platform.metadata_url},
+            "pod": {
+                "type": "pod_identity",
+                "uri": platform.pod_identity_url,
+                "token_file": str(pod_token),
+            },
+            "sdk": {"type": "sdk_default", "metadata_url": platform.metadata_url},
+        }
+        gw = await live(config)
+        before = dict(gw.app[GATEWAY].credentials)
+        for name in ("md", "pod", "sdk"):
+            await before[name].keys()  # type: ignore[attr-defined]
+        await before["side"].token()  # type: ignore[attr-defined]
+
+        def calls() -> tuple[int, int, int]:
+            wi = len(cloud.iam.id_token_requests)
+            return wi, platform.metadata.calls, platform.pod_identity.calls
+
+        fetched = calls()
+        same = json.loads(json.dumps(config))
+        same["listen"]["api_keys"].append({"name": "bob", "key": BOB})
+        assert await gw.reload(same)
+        line = await gw.records.wait("config reloaded (test)")
+        assert "credentials: kept main md pod sdk side" in line, line
+        assert all(gw.app[GATEWAY].credentials[n] is c for n, c in before.items())
+        assert calls() == fetched, "kept: nothing fetched again"
+
+        changed = json.loads(json.dumps(same))
+        changed["credentials"]["md"]["refresh_margin"] = "4m"
+        assert await gw.reload(changed)
+        line = await gw.records.wait("new md")
+        assert "credentials: kept main pod sdk side; new md" in line, line
+        now = gw.app[GATEWAY].credentials
+        assert now["md"] is not before["md"] and now["sdk"] is before["sdk"]
+        await now["md"].keys()  # type: ignore[attr-defined]
+        assert calls() == (fetched[0], fetched[1] + 1, fetched[2])
+    finally:
+        await platform.close()
+
+
 async def test_reload_that_would_expose_the_real_listener_without_keys_is_refused(
     cloud: FakeCloud, live: LiveFactory
 ) -> None:
@@ -774,3 +829,24 @@ async def test_removed_key_is_refused_on_its_next_request_even_on_a_kept_alive_c
         assert json.loads(second.body)["error"]["code"] == "invalid_api_key"
     finally:
         writer.close()
+
+
+async def test_key_request_counts_survive_a_reload_the_new_limit_applies_a_new_store_waits(
+    cloud: FakeCloud, live: LiveFactory
+) -> None:
+    config = team_config(cloud, cloud.service_url)
+    config["listen"]["api_keys"][0]["requests_per_minute"] = 2  # alice
+    gw = await live(config)
+    async with aiohttp.ClientSession() as http:
+        assert [await call(http, gw.url, ALICE) for _ in range(2)] == [200, 200]
+        raised = json.loads(json.dumps(config))
+        raised["listen"]["api_keys"][0]["requests_per_minute"] = 3
+        assert await gw.reload(raised)
+        # the two before the reload still count: one more, then the new limit refuses
+        assert [await call(http, gw.url, ALICE) for _ in range(2)] == [200, 429]
+        moved = json.loads(json.dumps(raised))
+        moved["limits_store"] = {"type": "redis", "url": "redis://:pw-not-logged@127.0.0.1:1/0"}
+        assert await gw.reload(moved)
+        line = await gw.records.wait("limits_store changed")
+        assert "needs a restart" in line and "pw-not-logged" not in line
+        assert await call(http, gw.url, ALICE) == 429, "still counted in memory, as before"

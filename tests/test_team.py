@@ -231,8 +231,9 @@ async def test_per_key_max_concurrency_returns_429_while_other_keys_pass(
 
         status, data, resp = await post_chat(http, gw, bearer(ALICE_KEY))
         assert status == 429
-        assert_openai_error(data, "concurrency_limit")
-        assert resp.headers["Retry-After"]
+        # a key's limits answer like OpenAI's own (issue 11); a route's stays concurrency_limit
+        assert_openai_error(data, "rate_limit_exceeded")
+        assert resp.headers["Retry-After"] == "1"
         assert "alice" in data["error"]["message"]
         assert len(cloud.modelarts.requests) == 1, "a refused request must not go upstream"
 
@@ -246,7 +247,8 @@ async def test_per_key_max_concurrency_returns_429_while_other_keys_pass(
     assert status == 200, "the slot is released when the held request ends"
     assert gw.metric("gateway_key_requests_total", key="alice", status="429") == 1
     assert gw.metric("gateway_key_requests_total", key="alice", status="200") == 2
-    assert gw.metric("gateway_rejected_total", route="chat", reason="concurrency_limit") == 1
+    assert gw.metric("gateway_rejected_total", route="chat", reason="rate_limit_exceeded") == 1
+    assert gw.metric("gateway_rate_limited_total", key="alice", limit="max_concurrency") == 1
 
 
 async def test_key_models_allowlist_returns_403_for_another_model(

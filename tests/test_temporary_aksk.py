@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from conftest import GatewayFactory, RunningGateway, chat_body, free_port
 
-from gateway.credentials import temporary_aksk
+from gateway.credentials import temporary_aksk, token_cache
 from gateway.credentials.temporary_aksk import TemporaryAkSk
 from gateway.server.state import GATEWAY
 from gateway.testing import FakeCloud
@@ -325,6 +325,58 @@ async def test_keys_are_refreshed_in_the_background_before_they_expire(
     assert access_keys_seen(cloud)[-1] == second.access
 
 
+@pytest.mark.parametrize("kind", ["ecs_metadata", "pod_identity"])
+async def test_keys_are_refreshed_before_they_expire_with_no_request_at_all(
+    cloud: FakeCloud,
+    platform: Platform,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    token_file: Path,
+    kind: str,
+) -> None:
+    """An idle sidecar: nothing asks for the keys, yet they are replaced in the margin, so the
+    keys never lapse and /readyz stays 200 (an unready pod gets no traffic to wake it)."""
+    service = platform.metadata if kind == "ecs_metadata" else platform.pod_identity
+    service.reuse = False
+    platform.issuer.lifetime = 5.0  # real seconds: the refresh is due 1 s after each fetch
+    cred = metadata_cred(platform) if kind == "ecs_metadata" else pod_cred(platform, token_file)
+    gw = await make_gateway(use({**cred, "refresh_margin": "4s"}))
+    credential = credential_of(gw)
+    first = await credential.keys()  # the start-up fetch, joined (not a request)
+    results: asyncio.Queue[str] = asyncio.Queue()
+    credential.cache._on_refresh = lambda name, result, expires_at: results.put_nowait(result)
+    assert await asyncio.wait_for(results.get(), 5) == "ok"
+    renewed = credential.cache.usable()
+    assert renewed is not None and renewed.value != first.value
+    assert renewed.expires_at > first.expires_at
+    assert time.time() < first.expires_at  # replaced before the old keys expired
+    assert cloud.modelarts.requests == []  # no request woke it
+    async with http.get(gw.url + "/readyz") as resp:
+        assert resp.status == 200
+
+
+async def test_a_failed_refresh_is_retried_unasked_when_its_back_off_ends(
+    cloud: FakeCloud,
+    platform: Platform,
+    make_gateway: GatewayFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(token_cache, "REFRESH_INTERVAL", 0.2)  # the unasked retry's floor
+    platform.metadata.reuse = False
+    platform.issuer.lifetime = 4.0  # the refresh is due 2 s after each fetch
+    gw = await make_gateway(use(metadata_cred(platform, refresh_margin="2s")))
+    credential = credential_of(gw)
+    first = await credential.keys()
+    results: asyncio.Queue[str] = asyncio.Queue()
+    credential.cache._on_refresh = lambda name, result, expires_at: results.put_nowait(result)
+    platform.metadata.failures = [503]
+    assert await asyncio.wait_for(results.get(), 5) == "error"
+    assert await asyncio.wait_for(results.get(), 5) == "ok"  # after the 1 s back-off
+    renewed = credential.cache.token
+    assert renewed is not None and renewed.value != first.value
+    assert platform.metadata.calls == 3 and cloud.modelarts.requests == []
+
+
 async def test_the_old_keys_serve_while_the_source_fails_inside_the_margin(
     cloud: FakeCloud,
     platform: Platform,
@@ -468,10 +520,20 @@ async def test_keys_already_expired_are_a_failure_with_back_off(
 # --- operations ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["ecs_metadata", "pod_identity", "sdk_default"])
 async def test_metrics_and_readyz_cover_temporary_keys(
-    platform: Platform, make_gateway: GatewayFactory, http: aiohttp.ClientSession
+    platform: Platform,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    token_file: Path,
+    kind: str,
 ) -> None:
-    gw = await make_gateway(use(metadata_cred(platform)))
+    creds = {
+        "ecs_metadata": metadata_cred(platform),
+        "pod_identity": pod_cred(platform, token_file),
+        "sdk_default": sdk_cred(platform),  # no environment, no profile: the metadata service
+    }
+    gw = await make_gateway(use(creds[kind]))
     assert (await chat(http, gw))[0] == 200
     keys = platform.issuer.issued[-1]
     assert gw.metric("gateway_token_refreshes_total", credential="main", result="ok") == 1

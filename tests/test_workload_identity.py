@@ -23,6 +23,7 @@ from conftest import ROOT, GatewayFactory, RunningGateway, agency, chat_body, st
 from gateway.config.load import ConfigError, parse_settings
 from gateway.config.model import WorkloadIdentityCredential
 from gateway.credentials.token_cache import TokenCache
+from gateway.credentials.workload_identity import without_id_token
 from gateway.server.state import GATEWAY
 from gateway.testing import FakeCloud, OidcProvider
 
@@ -189,6 +190,29 @@ async def test_refresh_ahead_of_expiry_serves_the_old_token_meanwhile(
     assert gw.metric("gateway_token_refreshes_total", credential="wi", result="ok") == 2
 
 
+async def test_the_token_is_refreshed_before_it_expires_with_no_request_at_all(
+    cloud: FakeCloud,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    projected: ProjectedToken,
+) -> None:
+    """An idle sidecar still exchanges the rotated file for a new token inside the margin."""
+    cloud.iam.token_lifetime = 5.5  # real seconds: the refresh is due 1.5 s after each fetch
+    gw = await make_gateway(use_wi(cloud, projected.path, refresh_margin="4s"))
+    credential = gw.app[GATEWAY].credentials["wi"]
+    first = await credential.token()  # type: ignore[attr-defined]
+    refreshes = watch_refreshes(cache_of(gw))
+    projected.write(cloud.iam.provider.mint())  # the kubelet rotates the file meanwhile
+    assert await asyncio.wait_for(refreshes.get(), 5) == "ok"
+    renewed = cache_of(gw).usable()
+    assert renewed is not None and renewed.value != first.value
+    assert time.time() < first.expires_at  # before the old token expired
+    assert cloud.iam.id_token_requests[-1].id_token == projected.path.read_text()
+    assert not cloud.modelarts.requests  # no request woke it
+    async with http.get(gw.url + "/readyz") as resp:
+        assert resp.status == 200
+
+
 async def test_rotated_token_file_is_read_at_the_next_fetch(
     cloud: FakeCloud,
     make_gateway: GatewayFactory,
@@ -249,6 +273,47 @@ async def test_iam_failure_gives_502_and_backs_off(
     assert gw.metric("gateway_token_refreshes_total", credential="wi", result="error") == 1
 
 
+async def test_an_iam_message_quoting_the_id_token_is_passed_on_without_it(
+    cloud: FakeCloud,
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    captured_logs: pytest.LogCaptureFixture,
+) -> None:
+    """IAM's error texts are not documented: a hostile IAM quotes the id token in its 401."""
+    cloud.iam.echo_id_token = True
+    stranger = cloud.iam.provider.mint("system:serviceaccount:other:intruder")
+    path = tmp_path / "token"
+    path.write_text(stranger)
+    gw = await make_gateway(use_wi(cloud, path))
+    status, raw = await chat(http, gw)
+    assert status == 502
+    async with http.get(gw.url + "/readyz") as resp:
+        ready = await resp.text()
+    logs = "\n".join(r.getMessage() for r in captured_logs.records)
+    message = json.loads(raw)["error"]["message"]
+    assert "IAM refused the identity (HTTP 401: Authentication failed (id_token ***" in message
+    pieces = {stranger[i : i + 16] for i in range(len(stranger) - 15)}
+    for text in (raw.decode(), ready, logs):
+        assert "id_token ***" in text
+        assert not any(piece in text for piece in pieces)
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    ["{t}", "id_token={t}", "token_{t}x", "'{t}'", "{t_head}", "...{t_cut}"],
+)
+def test_any_quoted_piece_of_the_id_token_is_hidden(cloud: FakeCloud, quoted: str) -> None:
+    token = cloud.iam.provider.mint()
+    text = "IAM says: " + quoted.format(t=token, t_head=token[:40], t_cut=token[30:70]) + " bad."
+    shown = without_id_token(text, token)
+    assert shown.startswith("IAM says: ") and shown.endswith(" bad.") and "***" in shown
+    assert not any(token[i : i + 16] in shown for i in range(len(token) - 15))
+    assert without_id_token("no identity conversion rule matches", token) == (
+        "no identity conversion rule matches"
+    )
+
+
 async def test_rejected_id_token_is_never_retried_in_a_loop(
     cloud: FakeCloud, make_gateway: GatewayFactory, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
@@ -265,6 +330,7 @@ async def test_rejected_id_token_is_never_retried_in_a_loop(
     assert cloud.iam.calls == 1
     assert not cloud.modelarts.requests
     assert gw.metric("gateway_token_refreshes_total", credential="wi", result="rejected") == 1
+    assert cache_of(gw)._timer is None  # nor retried unasked: only a request tries again
     async with http.get(gw.url + "/readyz") as resp:
         assert resp.status == 503
         problems = (await resp.json())["problems"]

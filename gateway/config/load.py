@@ -7,6 +7,7 @@ single :class:`ConfigError` carrying the list."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from gateway.config import sdk_env
 from gateway.config.env import expand, join_key
 from gateway.config.model import (
     DEFAULT_METADATA_URL,
+    LIMIT_NAMES,
     TOKEN_CREDENTIAL_TYPES,
     AgencyCredential,
     AkSkCredential,
@@ -31,6 +33,8 @@ from gateway.config.model import (
     CredentialConfig,
     EcsMetadataCredential,
     IamPasswordCredential,
+    KeyLimits,
+    LimitsStore,
     Listen,
     NoCredential,
     PodIdentityCredential,
@@ -161,7 +165,25 @@ MIN_KEY_LENGTH = 20
 """A plaintext key this short could be guessed at a few thousand tries a second."""
 
 
-def _parse_api_key(raw: object, key: str, problems: list[str]) -> ApiKey | None:
+def _key_limits(s: _Section, defaults: KeyLimits) -> KeyLimits:
+    """The limits an entry sets, each over its default; 0 is "no limit" (to lift a default)."""
+    values = {}
+    for name in LIMIT_NAMES:
+        given = s.integer(name, 0, 0) if s.has(name) else None
+        values[name] = getattr(defaults, name) if given is None else (given or None)
+    return KeyLimits(**values)
+
+
+def _parse_key_defaults(raw: object, problems: list[str]) -> KeyLimits:
+    s = _Section(raw, "listen.key_defaults", problems)
+    limits = _key_limits(s, KeyLimits())
+    s.finish()
+    return limits
+
+
+def _parse_api_key(
+    raw: object, key: str, problems: list[str], defaults: KeyLimits
+) -> ApiKey | None:
     s = _Section(raw, key, problems)
     name = s.string("name", required=True)
     plain = s.string("key")
@@ -184,23 +206,24 @@ def _parse_api_key(raw: object, key: str, problems: list[str]) -> ApiKey | None:
             digest = bytes.fromhex(digest_hex)
     else:
         s.problem("key", "is required (or sha256)")
-    max_concurrency = s.integer("max_concurrency", 0, 1) if s.has("max_concurrency") else None
+    limits = _key_limits(s, defaults)
     models = _string_list(s, "models") if s.has("models") else None
     s.finish()
     if not name or not digest:
         return None
-    return ApiKey(name, digest, max_concurrency or None, models)
+    return ApiKey(name, digest, limits.max_concurrency, models, limits)
 
 
 def _parse_listen(raw: object, problems: list[str]) -> Listen:
     s = _Section(raw, "listen", problems)
+    defaults = _parse_key_defaults(s.get("key_defaults"), problems)
     keys_raw = s.get("api_keys", [])
     keys: list[ApiKey] = []
     if not isinstance(keys_raw, list):
         s.problem("api_keys", "must be a list of {name, key} or {name, sha256}")
     else:
         for i, item in enumerate(keys_raw):
-            parsed = _parse_api_key(item, f"listen.api_keys[{i}]", problems)
+            parsed = _parse_api_key(item, f"listen.api_keys[{i}]", problems, defaults)
             if parsed is None:
                 continue
             if any(k.name == parsed.name for k in keys):
@@ -227,6 +250,7 @@ def _parse_listen(raw: object, problems: list[str]) -> Listen:
         backlog=s.integer("backlog", 1024, 1),
         reuse_port=_boolean(s, "reuse_port"),
         metrics_port=s.integer("metrics_port", 0, 1, 65535) if s.has("metrics_port") else None,
+        key_defaults=defaults,
     )
     if listen.metrics_port is not None and listen.metrics_port == listen.port:
         s.problem("metrics_port", "must differ from listen.port")
@@ -707,6 +731,62 @@ def _parse_routes(
     return routes
 
 
+LIMITS_STORE_TYPES = ("memory", "redis")
+ON_ERROR = ("allow", "deny")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _parse_limits_store(raw: object, problems: list[str]) -> LimitsStore:
+    """``limits_store``: memory (one process) or a Redis that replicas share.
+
+    Messages never quote the URL: it may hold the Redis password.
+    """
+    s = _Section(raw, "limits_store", problems)
+    d = LimitsStore()
+    kind = s.string("type", d.type) or d.type
+    if kind not in LIMITS_STORE_TYPES:
+        s.problem("type", f"unknown type {kind!r} (one of: {', '.join(LIMITS_STORE_TYPES)})")
+    url = s.string("url")
+    if kind == "redis":
+        if not url:
+            s.problem("url", "is required for type: redis (e.g. redis://redis:6379/0)")
+        else:
+            _check_redis_url(s, url)
+        if importlib.util.find_spec("redis") is None:
+            s.problem(
+                "type",
+                "redis needs the redis package: pip install 'modelarts-gateway[redis]'",
+            )
+    elif s.has("url"):
+        s.problem("url", "applies only to type: redis")
+    on_error = s.string("on_error", d.on_error)
+    if on_error not in ON_ERROR:
+        s.problem("on_error", f"must be one of: {', '.join(ON_ERROR)}")
+    store = LimitsStore(
+        type=kind,
+        url=Secret(url) if url else None,
+        key_prefix=s.string("key_prefix", d.key_prefix),
+        on_error=on_error,
+        timeout=s.convert("timeout", d.timeout, parse_duration),
+    )
+    if s.has("timeout") and store.timeout <= 0:
+        s.problem("timeout", "must be > 0")
+    s.finish()
+    return store
+
+
+def _check_redis_url(s: _Section, url: str) -> None:
+    try:
+        parsed = URL(url)
+    except ValueError:
+        s.problem("url", "not a valid URL")
+        return
+    if parsed.scheme not in REDIS_SCHEMES:
+        s.problem("url", f"must be a {', '.join(x + '://' for x in REDIS_SCHEMES)} URL")
+    elif parsed.scheme != "unix" and not parsed.host:
+        s.problem("url", "must name a host")
+
+
 def parse_settings(raw: object, environ: Mapping[str, str]) -> Settings:
     """Validate an already-parsed YAML document; raises :class:`ConfigError`."""
     problems: list[str] = []
@@ -715,6 +795,7 @@ def parse_settings(raw: object, environ: Mapping[str, str]) -> Settings:
     listen = _parse_listen(top.get("listen"), problems)
     credentials = _parse_credentials(top.get("credentials"), problems, environ)
     routes = _parse_routes(top.get("routes"), credentials, problems)
+    limits_store = _parse_limits_store(top.get("limits_store"), problems)
     config_watch = top.convert("config_watch", 0.0, parse_duration)
     top.finish()
     exposure = check_exposure(listen)
@@ -723,7 +804,11 @@ def parse_settings(raw: object, environ: Mapping[str, str]) -> Settings:
     if problems:
         raise ConfigError(problems)
     return Settings(
-        listen=listen, credentials=credentials, routes=routes, config_watch=config_watch
+        listen=listen,
+        credentials=credentials,
+        routes=routes,
+        limits_store=limits_store,
+        config_watch=config_watch,
     )
 
 

@@ -243,14 +243,54 @@ CredentialConfig = (
 TOKEN_CREDENTIAL_TYPES = ("iam_password", "agency", "token", "workload_identity")
 
 
+LIMIT_NAMES = ("max_concurrency", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """What one API key may use (``listen.key_defaults`` or its own entry); None: no limit.
+
+    Tokens are prompt plus completion; ``tokens_per_day`` is per UTC calendar day.
+    """
+
+    max_concurrency: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+
+    @property
+    def counted(self) -> bool:
+        """Some limit needs the limits store (everything but the in-process concurrency)."""
+        return bool(self.requests_per_minute or self.tokens_per_minute or self.tokens_per_day)
+
+    @property
+    def counts_tokens(self) -> bool:
+        return bool(self.tokens_per_minute or self.tokens_per_day)
+
+
 @dataclass(frozen=True)
 class ApiKey:
-    """A downstream client's key, kept only as its SHA-256 digest."""
+    """A downstream client's key, kept only as its SHA-256 digest.
+
+    ``limits`` are the effective ones: the entry's own over ``listen.key_defaults``.
+    """
 
     name: str
     sha256: bytes = field(repr=False)
     max_concurrency: int | None = None
     models: tuple[str, ...] | None = None  # None: every model
+    limits: KeyLimits = field(default_factory=KeyLimits)
+
+
+@dataclass(frozen=True)
+class LimitsStore:
+    """Where per-key counts live: this process (``memory``) or a Redis shared by replicas."""
+
+    type: str = "memory"  # memory | redis
+    url: Secret | None = None  # redis://[:password@]host:port/db (may hold a password)
+    key_prefix: str = "mag:"
+    on_error: str = "allow"  # Redis unreachable: allow, or deny (503 limits_unavailable)
+    timeout: float = 0.25  # connect and read timeout per Redis call
 
 
 @dataclass(frozen=True)
@@ -276,6 +316,7 @@ class Listen:
     # Each process also serves /metrics, /healthz and /readyz on metrics_port + its worker index:
     # on a shared port a scrape reaches whichever process the kernel picks.
     metrics_port: int | None = None
+    key_defaults: KeyLimits = field(default_factory=KeyLimits)
 
 
 @dataclass(frozen=True)
@@ -283,4 +324,5 @@ class Settings:
     listen: Listen
     credentials: Mapping[str, CredentialConfig]
     routes: tuple[Route, ...]
+    limits_store: LimitsStore = field(default_factory=LimitsStore)
     config_watch: float = 0.0  # re-read the file when its content changes, this often (0: off)

@@ -7,6 +7,11 @@ Rules (IAM tokens live 24 h; IAM locks an account after repeated wrong passwords
   margin leaves a window where a slow or failing IAM costs no request anything;
 - expiry is judged by the wall clock at each use, so a laptop that slept past expiry does not
   keep using a dead token;
+- the refresh is also timed: at ``expires_at - refresh_margin`` a background fetch starts with
+  no request asking (an idle sidecar whose token lapsed would fail ``/readyz``, and an unready
+  pod gets no traffic that could wake it); after a transient failure the fetch is retried
+  unasked when its back-off ends (``REFRESH_INTERVAL`` at the soonest), a rejected identity
+  only when a request asks;
 - a fetch that returns a token already inside the margin (a source that rotates its temporary
   keys later than we refresh: the metadata service hands out the same keys until then) does not
   make every request start another fetch: background refreshes wait ``REFRESH_INTERVAL``;
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -89,6 +95,8 @@ class TokenCache(Generic[T]):
         self._retry_at = 0.0  # monotonic
         self._last_error = ""
         self._refresh_after = 0.0  # monotonic: no background refresh before
+        self._timer: asyncio.TimerHandle | None = None  # the next timed refresh
+        self._closed = False
 
     def now(self) -> float:
         """The wall clock expiry is judged by (tests shift it instead of waiting)."""
@@ -137,6 +145,7 @@ class TokenCache(Generic[T]):
         if self._token is not None or self._now() >= safety_point(token.expires_at, self._margin):
             return False
         self._token = token
+        self._schedule(token.expires_at - self._margin - self._now())
         return True
 
     def prefetch(self) -> None:
@@ -184,6 +193,7 @@ class TokenCache(Generic[T]):
         log.info("credential %r: new token, expires in %.0f s", self.name, left)
         if left <= self._margin:
             self._refresh_after = time.monotonic() + REFRESH_INTERVAL
+            self._schedule(REFRESH_INTERVAL)
             log.warning(
                 "credential %r: the new token is already within refresh_margin (%.0f s) of its "
                 "expiry; next refresh in %.0f s",
@@ -193,6 +203,7 @@ class TokenCache(Generic[T]):
             )
         else:
             self._refresh_after = 0.0
+            self._schedule(left - self._margin)
         if self._on_refresh:
             self._on_refresh(self.name, "ok", token.expires_at)
         return token
@@ -203,6 +214,9 @@ class TokenCache(Generic[T]):
         delay = min(cap, base * 2 ** (self._failures - 1))
         self._retry_at = time.monotonic() + delay
         self._last_error = reason
+        # retried unasked, not sooner than REFRESH_INTERVAL (requests may ask sooner); a
+        # rejected identity only when asked (IAM lock-outs): its timer, if any, is cancelled
+        self._schedule(math.inf if rejected else max(delay, REFRESH_INTERVAL))
         log.warning(
             "credential %r: token fetch failed (%s); next attempt in %.0f s",
             self.name,
@@ -212,12 +226,34 @@ class TokenCache(Generic[T]):
         if self._on_refresh:
             self._on_refresh(self.name, "rejected" if rejected else "error", None)
 
+    def _schedule(self, delay: float) -> None:
+        """Start a background fetch in ``delay`` seconds (none for a token that never expires)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._closed or not math.isfinite(delay):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # seeded outside a loop (a script): requests still refresh it
+            return
+        self._timer = loop.call_later(max(0.0, delay), self._timed)
+
+    def _timed(self) -> None:
+        self._timer = None
+        if not self._closed:
+            self._start_fetch()
+
     def _fetch_done(self, task: asyncio.Task[T]) -> None:
         self._flight = None
         if not task.cancelled():
             task.exception()  # retrieved here so a background failure is not reported as lost
 
     async def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._flight is not None:
             self._flight.cancel()
             await asyncio.gather(self._flight, return_exceptions=True)

@@ -12,6 +12,7 @@ and the 401 replay are :class:`~gateway.credentials.iam.CachedToken`'s, as for `
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,26 @@ def read_id_token(path: Path) -> str:
     return value
 
 
+# A run of JWT characters (base64url and dots) holding PIECE characters of the id token is hidden.
+_RUN = re.compile(r"[A-Za-z0-9_.-]+")
+PIECE = 16
+
+
+def without_id_token(text: str, id_token: str) -> str:
+    """``text`` (IAM's error message, passed on) with any piece of ``id_token`` shown as ``***``.
+
+    IAM's error texts are not documented; one that quotes the id token, even cut short by the
+    160 characters kept of it, must not reach a log line, an error body or ``/readyz``.
+    """
+
+    def hide(match: re.Match[str]) -> str:
+        run = match.group()
+        pieces = (run[i : i + PIECE] for i in range(len(run) - PIECE + 1))
+        return "***" if any(piece in id_token for piece in pieces) else run
+
+    return _RUN.sub(hide, text)
+
+
 def id_token_auth_body(cfg: WorkloadIdentityCredential, id_token: str) -> dict[str, Any]:
     """CreateTokenWithIdToken's body: the id token and the project scope."""
     project = {"id": cfg.project_id} if cfg.project_id else {"name": cfg.project}
@@ -70,14 +91,20 @@ class WorkloadIdentity(CachedToken):
 
     async def _request(self) -> Token:
         id_token = read_id_token(self._cfg.token_file)  # at every fetch: the kubelet rotates it
-        return await request_token(
-            self._session,
-            str(self._cfg.iam_url),
-            id_token_auth_body(self._cfg, id_token),
-            headers={"X-Idp-Id": self._cfg.idp_id},
-            path=ID_TOKEN_PATH,
-            origin="IAM (workload identity)",
-        )
+        try:
+            return await request_token(
+                self._session,
+                str(self._cfg.iam_url),
+                id_token_auth_body(self._cfg, id_token),
+                headers={"X-Idp-Id": self._cfg.idp_id},
+                path=ID_TOKEN_PATH,
+                origin="IAM (workload identity)",
+            )
+        except FetchFailed as exc:
+            redacted = without_id_token(exc.reason, id_token)
+            if redacted == exc.reason:
+                raise
+            raise FetchFailed(redacted, rejected=exc.rejected) from None
 
     def _identity(self) -> str:
         cfg = self._cfg

@@ -17,6 +17,7 @@ from gateway import log as gwlog
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
+    RateLimited,
 )
 from gateway.metrics import Metrics
 from gateway.proxy.usage import Usage
@@ -51,7 +52,9 @@ class RequestIds:
 
 def error_response(err: GatewayError, rid: str) -> web.Response:
     headers = {"X-Request-Id": rid}
-    if err.status in (429, 503):  # over a limit, draining, buffers full: soon, maybe elsewhere
+    if isinstance(err, RateLimited):  # a key over its limit: when it admits again
+        headers["Retry-After"] = str(err.retry_after)
+    elif err.status in (429, 503):  # over a limit, draining, buffers full: soon, maybe elsewhere
         headers["Retry-After"] = "1"
     elif isinstance(err, MethodNotAllowed):
         headers["Allow"] = err.allow
@@ -82,6 +85,12 @@ class Exchange:
     cors_origin: str | None = None
     close: bool = False  # close the connection after this answer
     upstream_request_id: str | None = None  # APIG's, from a re-shaped error
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus completion tokens of the answer (0 when unknown): what a key's
+        token limits count when the request ends."""
+        return self.usage.total
 
 
 def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> None:

@@ -1,10 +1,11 @@
 """The proxy handler: the only module that knows the order of the stages.
 
 guard (Host/Origin 403, API key 401) → draining 503 → target (origin-form, canonical path) 400
-→ route 404 → method 405 → body ≤ max_body 413 → model 400/403/404 → concurrency (route, key) 429
+→ route 404 → method 405 → key limits (concurrency, per minute, per day) 429 / store 503
+→ body ≤ max_body 413 → model 400/403/404 → route concurrency 429
 → credential 502 → upstream (connect, first_byte 504, 401 replay once) 502/504
 → small answer whole, or headers then relay chunk by chunk → metrics and access log
-finally: release the concurrency slots, release the upstream response
+finally: record the key's tokens, release the concurrency slots, release the upstream response
 
 Each request reads one :class:`Runtime` (taken when it arrives) from start to end, so a reload
 never changes a request in flight.
@@ -32,6 +33,8 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.http1 import UpstreamClient
+from gateway.limits import Store
+from gateway.limits.memory import MemoryStore
 from gateway.metrics import Metrics
 from gateway.proxy.body import BodyInfo, model_edit, sniff, splice
 from gateway.proxy.exchange import CLIENT_GONE, Exchange, RequestIds, error_response, record
@@ -45,6 +48,7 @@ from gateway.proxy.limits import (
     too_large,
     wants_continue,
 )
+from gateway.proxy.quota import KeyLimiter, Ticket
 from gateway.proxy.redact import sent_secrets
 from gateway.proxy.response import is_small, relay_body, whole
 from gateway.proxy.routing import PathGroup, check_method
@@ -61,11 +65,20 @@ Answer = Callable[[web.Request, Exchange, ApiKey | None, Runtime], Awaitable[web
 
 
 class Proxy:
-    def __init__(self, runtime: Runtime, client: UpstreamClient, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        client: UpstreamClient,
+        metrics: Metrics,
+        limits_store: Store | None = None,
+    ) -> None:
         self.runtime = runtime  # replaced whole by a reload (swap), never changed in place
         self.client = client
         self.metrics = metrics
         self.targets = Targets()  # parse_target, remembered: the same for every config
+        # one per process: the store (its counts) and its health outlive every reload
+        store = limits_store if limits_store is not None else MemoryStore()
+        self.limiter = KeyLimiter(store, runtime.settings.limits_store, metrics)
         self.request_id = RequestIds()
         self.auth_failures = AuthFailures(metrics)
         self.relays: set[Relay] = set()
@@ -167,9 +180,11 @@ class Proxy:
         held = Held(rt.body_budget)
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
+        # the key's limits are decided by the headers alone: before "100 Continue" and the body
+        ticket: Ticket | None = None
+        if key is not None:
+            ticket = await self.limiter.admit(key, rt.key_limits.get(key.name))
         try:
-            if key is not None and key.name in rt.key_limits:
-                _take(rt.key_limits[key.name], taken)
             if len(group.routes) == 1:
                 _take(rt.route_limits[group.routes[0].name], taken)
             route, body = await self._select(request, group, key, ex, held, rt)
@@ -181,6 +196,10 @@ class Proxy:
             held.release()
             for limit in taken:
                 limit.release()
+            if ticket is not None:
+                ticket.release()
+                if ex.tokens:
+                    await self.limiter.record_tokens(ticket.key, ex.tokens)
 
     async def _select(
         self,

@@ -8,9 +8,11 @@ import aiohttp
 from aiohttp import web
 
 from gateway._aiohttp import GatewayRunner
-from gateway.config.model import Settings
+from gateway.config.model import LimitsStore, Settings
 from gateway.errors import error_body
 from gateway.http1 import UpstreamClient
+from gateway.limits import Store
+from gateway.limits.memory import MemoryStore
 from gateway.metrics import Metrics
 from gateway.proxy import body
 from gateway.proxy.exchange import RequestIds
@@ -37,8 +39,9 @@ def build_app(
     """
     metrics = metrics if metrics is not None else Metrics()
     client = UpstreamClient()  # proxied requests go through the lean HTTP/1.1 client
+    limits_store = open_limits_store(settings.limits_store)
     # the credentials are built at start-up (they need the loop's session): until then, none
-    proxy = Proxy(Runtime(settings, {}), client, metrics)
+    proxy = Proxy(Runtime(settings, {}), client, metrics, limits_store)
     metrics.watch_pool(lambda: [r.name for r in proxy.runtime.settings.routes], client.sizes)
     runtimes = Runtimes(proxy, metrics)
     reloader = Reloader(source, runtimes, metrics) if source is not None else None
@@ -47,7 +50,7 @@ def build_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[GATEWAY] = Gateway(metrics, proxy, runtimes, reloader)
-    app.cleanup_ctx.append(_lifetime(settings, runtimes, reloader, client))
+    app.cleanup_ctx.append(_lifetime(settings, runtimes, reloader, client, limits_store))
     app.router.add_get("/healthz", endpoints.healthz)
     app.router.add_get("/readyz", endpoints.readyz)
     app.router.add_get("/metrics", endpoints.metrics)
@@ -77,11 +80,21 @@ def _not_origin_form(handle: _Handler) -> Callable[..., Awaitable[web.StreamResp
     return middleware
 
 
+def open_limits_store(config: LimitsStore) -> Store:
+    """The store ``limits_store`` names (Redis connects on first use, not here)."""
+    if config.type == "redis":
+        from gateway.limits.redis_store import RedisStore  # the optional extra `redis`
+
+        return RedisStore(config)
+    return MemoryStore()
+
+
 def _lifetime(
     settings: Settings,
     runtimes: Runtimes,
     reloader: Reloader | None,
     client: UpstreamClient,
+    limits_store: Store,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         # IAM calls (rare) go through aiohttp's client session
@@ -97,6 +110,7 @@ def _lifetime(
             await runtimes.close()
             await client.close()
             await session.close()
+            await limits_store.close()
             body.shutdown()
 
     return lifetime

@@ -42,6 +42,7 @@ RESTART_KEYS = (
     "listen.max_connections",
     "listen.reuse_port",
     "listen.metrics_port",
+    "limits_store",  # the store's counts and connection live as long as the process
 )
 
 

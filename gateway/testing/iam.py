@@ -134,6 +134,9 @@ class FakeIAM:
         self.calls = 0
         self.failures: list[int] = []
         self.delay = 0.0
+        # Hostile: quote the id token in the id-token endpoint's 401 message (IAM's own error
+        # texts are not documented; the gateway must not pass a quoted token on)
+        self.echo_id_token = False
         self.requests: list[Json] = []
         self._tokens: dict[str, _Issued] = {}
         self.app = web.Application()
@@ -299,7 +302,8 @@ class FakeIAM:
         try:
             claims = provider.verify(id_token)
         except InvalidIdToken as exc:
-            return _v3_error(401, "IAM.0002", f"Authentication failed: {exc}.")
+            quoted = f" (id_token {id_token})" if self.echo_id_token else ""
+            return _v3_error(401, "IAM.0002", f"Authentication failed{quoted}: {exc}.")
         project: tuple[str, str] | None = None
         if scope is not None and json_obj(scope, "project") is not None:
             try:
