@@ -520,3 +520,20 @@ def test_reuse_port_without_a_shared_cache_file_is_warned_about(
     main = shared.credentials["main"]
     assert isinstance(main, IamPasswordCredential) and main.cache_file is not None
     assert main.cache_file.parent == tmp_path
+
+
+def test_reuse_port_with_per_key_limits_counted_in_memory_is_warned_about(
+    cloud: FakeCloud, tmp_path: Path
+) -> None:
+    config = base_config(cloud)
+    config["credentials"]["main"]["cache_file"] = str(tmp_path / "main.json")
+    config["listen"]["reuse_port"] = True
+    config["listen"]["api_keys"] = [
+        {"name": "alice", "key": "sk-alice-workers-0123456789", "requests_per_minute": 10},
+        {"name": "bob", "key": "sk-bob-workers-0123456789ab"},
+    ]
+    (risk,) = start_up_risks(parse_settings(config, {}))
+    assert risk.startswith("listen.reuse_port is on and limits_store.type is memory")
+    assert "'alice'" in risk and "'bob'" not in risk
+    config["limits_store"] = {"type": "redis", "url": "redis://127.0.0.1:6379/0"}
+    assert start_up_risks(parse_settings(config, {})) == []

@@ -83,6 +83,14 @@ def start_up_risks(settings: Settings) -> list[str]:
                 f"routes[{i}].upstream is plain http:// to another machine: the credential "
                 "crosses the network unencrypted; use https://"
             )
+    if settings.listen.reuse_port and settings.limits_store.type == "memory":
+        counted = [k.name for k in settings.listen.api_keys if k.limits.counted]
+        if counted:
+            risks.append(
+                "listen.reuse_port is on and limits_store.type is memory: each process sharing "
+                f"the port counts the per-key limits of {', '.join(map(repr, counted))} alone, "
+                "so N processes admit up to N times each limit; use limits_store.type: redis"
+            )
     if settings.listen.reuse_port:
         for name, config in settings.credentials.items():
             if (
