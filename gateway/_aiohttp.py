@@ -307,15 +307,18 @@ class ReaderSource:
             self.reader._waiter = None
 
 
-def response_parser(protocol: Any, method: str, read_bufsize: int) -> Any:
+def response_parser(
+    protocol: Any, method: str, read_bufsize: int, loop: asyncio.AbstractEventLoop | None = None
+) -> Any:
     """aiohttp's (C) response parser, feeding bodies into StreamReaders on ``protocol``.
 
     ``protocol`` needs only the flow-control part of ``BaseProtocol``: ``pause_reading``,
-    ``resume_reading``, ``_reading_paused`` and ``connected``.
+    ``resume_reading``, ``_reading_paused`` and ``connected``. Pass the ``loop`` when it is
+    known: on Python 3.11 each ``get_running_loop()`` costs a ``getpid()`` system call.
     """
     return http_parser.HttpResponseParser(
         protocol,
-        asyncio.get_running_loop(),
+        loop or asyncio.get_running_loop(),
         read_bufsize,
         response_with_body=method != "HEAD",
         read_until_eof=True,

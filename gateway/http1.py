@@ -114,6 +114,7 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self.idle_since = 0.0  # loop time it was last given back to the pool
         self.expires_at = 0.0  # loop time after which this idle connection is closed
+        self._poller: Any = None  # select.poll with this socket registered, made at first use
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -199,11 +200,13 @@ class _Connection(asyncio.Protocol):
         for; either way it must not carry another request (urllib3 checks the same way).
         """
         assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        poller = self._poller
+        if poller is None:  # once per connection: one poll(2) per reuse after that
+            sock = self.transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
     async def exchange(
@@ -213,7 +216,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             raise NotSent("the connection closed before the request was written")
-        self._parser = response_parser(self, method, READ_BUFSIZE)
+        self._parser = response_parser(self, method, READ_BUFSIZE, self._loop)
         self._payload = None
         self._should_close = False
         waiter = self._waiter = self._loop.create_future()
@@ -371,6 +374,14 @@ class UpstreamClient:
                 return conn
             conn.close()
         return None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this client runs on (found once, then remembered)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def give_back(self, conn: _Connection) -> None:
         wanted = self._wanted

@@ -248,8 +248,12 @@ def _parse_listen(raw: object, problems: list[str]) -> Listen:
         max_buffered_body=s.convert("max_buffered_body", 256 * 1024 * 1024, parse_size),
         max_header_bytes=s.convert("max_header_bytes", 64 * 1024, parse_size),
         backlog=s.integer("backlog", 1024, 1),
+        reuse_port=_boolean(s, "reuse_port"),
+        metrics_port=s.integer("metrics_port", 0, 1, 65535) if s.has("metrics_port") else None,
         key_defaults=defaults,
     )
+    if listen.metrics_port is not None and listen.metrics_port == listen.port:
+        s.problem("metrics_port", "must differ from listen.port")
     for name in ("keepalive_timeout", "body_timeout", "max_buffered_body", "max_header_bytes"):
         if s.has(name) and getattr(listen, name) <= 0:
             s.problem(name, "must be > 0")
