@@ -82,43 +82,48 @@ else
     fail "kubernetes-validate not found: pip install kubernetes-validate"
 fi
 
-# ---- systemd unit: systemd-analyze verify + security --------------------------------------------
-unit="$deploy_dir/systemd/modelarts-gateway.service"
+# ---- systemd units: systemd-analyze verify + security --------------------------------------------
+# The template unit (modelarts-gateway@.service) is checked as its instance @0: a template itself
+# cannot be verified, an instance can (with %i expanded).
 if command -v systemd-analyze >/dev/null 2>&1; then
-    # verify fails when ExecStart's binary does not exist, and /usr/local/bin/modelarts-gateway
-    # exists only where the gateway is installed. Verify a copy (same file name, so messages name
-    # the unit) whose ExecStart points at an existing binary: everything else is checked as
-    # written. verify exits 0 on "Unknown key ... ignoring" (a misspelt directive), so any
-    # output about the unit counts as a failure too.
     mkdir -p "$work/unit"
-    copy="$work/unit/modelarts-gateway.service"
-    sed "s|^ExecStart=/usr/local/bin/modelarts-gateway |ExecStart=$(type -P true) |" \
-        "$unit" >"$copy"
-    if ! grep -q "^ExecStart=$(type -P true) " "$copy"; then
-        fail "systemd: ExecStart=/usr/local/bin/modelarts-gateway ... not found in the unit"
-    fi
-    if systemd-analyze verify "$copy" >"$work/verify.out" 2>&1; then rc=0; else rc=$?; fi
-    if [[ $rc -eq 0 ]] && ! grep -q 'modelarts-gateway' "$work/verify.out"; then
-        ok "systemd-analyze verify deploy/systemd/modelarts-gateway.service"
-    else
-        fail "systemd-analyze verify deploy/systemd/modelarts-gateway.service (exit $rc)"
-        indent <"$work/verify.out"
-    fi
-    # --offline (systemd >= 250) scores the sandbox from the file alone; the threshold keeps a
-    # future edit from quietly weakening it.
-    if systemd-analyze security --help 2>/dev/null | grep -q -- '--offline'; then
-        if systemd-analyze security --offline=yes --threshold="$SYSTEMD_MAX_EXPOSURE" \
-            "$copy" >"$work/security.out" 2>&1; then
-            ok "systemd-analyze security: $(grep -o 'Overall exposure level.*' "$work/security.out" | sed 's/ for [^:]*:/:/')"
-        else
-            fail "systemd-analyze security: exposure above $SYSTEMD_MAX_EXPOSURE"
-            grep -v '✓' "$work/security.out" | indent
+    for unit in "$deploy_dir"/systemd/*.service; do
+        name="$(basename "$unit")"
+        as="${name/@.service/@0.service}"
+        # verify fails when ExecStart's binary does not exist, and /usr/local/bin/modelarts-gateway
+        # exists only where the gateway is installed. Verify a copy (same file name, so messages
+        # name the unit) whose ExecStart points at an existing binary: everything else is checked
+        # as written. verify exits 0 on "Unknown key ... ignoring" (a misspelt directive), so any
+        # output about the unit counts as a failure too.
+        copy="$work/unit/$as"
+        sed "s|^ExecStart=/usr/local/bin/modelarts-gateway |ExecStart=$(type -P true) |" \
+            "$unit" >"$copy"
+        if ! grep -q "^ExecStart=$(type -P true) " "$copy"; then
+            fail "systemd: ExecStart=/usr/local/bin/modelarts-gateway ... not found in $name"
         fi
-    else
-        skip "systemd-analyze security --offline (needs systemd >= 250)"
-    fi
+        if systemd-analyze verify "$copy" >"$work/verify.out" 2>&1; then rc=0; else rc=$?; fi
+        if [[ $rc -eq 0 ]] && ! grep -q 'modelarts-gateway' "$work/verify.out"; then
+            ok "systemd-analyze verify deploy/systemd/$name"
+        else
+            fail "systemd-analyze verify deploy/systemd/$name (exit $rc)"
+            indent <"$work/verify.out"
+        fi
+        # --offline (systemd >= 250) scores the sandbox from the file alone; the threshold keeps
+        # a future edit from quietly weakening it.
+        if systemd-analyze security --help 2>/dev/null | grep -q -- '--offline'; then
+            if systemd-analyze security --offline=yes --threshold="$SYSTEMD_MAX_EXPOSURE" \
+                "$copy" >"$work/security.out" 2>&1; then
+                ok "systemd-analyze security $name: $(grep -o 'Overall exposure level.*' "$work/security.out" | sed 's/ for [^:]*:/:/')"
+            else
+                fail "systemd-analyze security $name: exposure above $SYSTEMD_MAX_EXPOSURE"
+                grep -v '✓' "$work/security.out" | indent
+            fi
+        else
+            skip "systemd-analyze security --offline (needs systemd >= 250)"
+        fi
+    done
 else
-    skip "systemd-analyze not found (no systemd here): unit not verified"
+    skip "systemd-analyze not found (no systemd here): units not verified"
 fi
 
 # ---- YAML/JSON parsing and checks the schemas cannot make -------------------------------------------

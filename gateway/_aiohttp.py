@@ -26,6 +26,9 @@ This module imports nothing of the gateway, so everything else may import it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -193,7 +196,7 @@ class ClientSink:
     it, and aiohttp's ``write_eof`` still writes the last chunk. Failures are ``OSError``s.
     """
 
-    __slots__ = ("_chunked", "_protocol", "_request", "_transport")
+    __slots__ = ("_chunked", "_delimited", "_protocol", "_request", "_transport")
 
     def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
         self._request = request
@@ -201,6 +204,9 @@ class ClientSink:
         self._protocol = request.protocol
         # set by prepare(): HTTP/1.1 without a Content-Length is chunked
         self._chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+        # neither chunked nor a length (an HTTP/1.0 client, nginx's default proxy_http_version):
+        # the body ends where the connection does
+        self._delimited = not self._chunked and response.content_length is None
 
     def write(self, data: bytes) -> None:
         transport = self._transport
@@ -223,8 +229,22 @@ class ClientSink:
             raise ConnectionResetError(str(exc)) from None
 
     def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        """Close at once; a body that ends with the connection is ended by a reset (RST).
+
+        A FIN would be that body's clean end, so a client reading it (HTTP/1.0, or nginx with
+        its default ``proxy_http_version 1.0``) could not tell a cut stream from a whole one.
+        Chunked and Content-Length bodies keep the FIN: their framing already tells, and a
+        reset could make the client's kernel drop bytes it has received but not yet read.
+        """
+        transport = self._transport
+        if transport is None:
+            return
+        if self._delimited:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):  # already gone: nothing to tell apart
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
 
 # --- the body of an upstream response --------------------------------------------------------
@@ -287,15 +307,18 @@ class ReaderSource:
             self.reader._waiter = None
 
 
-def response_parser(protocol: Any, method: str, read_bufsize: int) -> Any:
+def response_parser(
+    protocol: Any, method: str, read_bufsize: int, loop: asyncio.AbstractEventLoop | None = None
+) -> Any:
     """aiohttp's (C) response parser, feeding bodies into StreamReaders on ``protocol``.
 
     ``protocol`` needs only the flow-control part of ``BaseProtocol``: ``pause_reading``,
-    ``resume_reading``, ``_reading_paused`` and ``connected``.
+    ``resume_reading``, ``_reading_paused`` and ``connected``. Pass the ``loop`` when it is
+    known: on Python 3.11 each ``get_running_loop()`` costs a ``getpid()`` system call.
     """
     return http_parser.HttpResponseParser(
         protocol,
-        asyncio.get_running_loop(),
+        loop or asyncio.get_running_loop(),
         read_bufsize,
         response_with_body=method != "HEAD",
         read_until_eof=True,

@@ -40,6 +40,24 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="YAML config file")
     serve.add_argument("--host", help="listen address (overrides listen.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run N gateway processes sharing the port (SO_REUSEPORT) under a supervisor",
+    )
+    serve.add_argument(
+        "--reuse-port", action="store_true", help="bind with SO_REUSEPORT (sets listen.reuse_port)"
+    )
+    serve.add_argument(
+        "--worker-index",
+        type=int,
+        help="this process's index among processes sharing the port (default 0): its metrics "
+        "port is listen.metrics_port + index",
+    )
+    # set by the --workers supervisor for its workers only
+    serve.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--shared-cache-dir", help=argparse.SUPPRESS)
     logging_flags(serve)
 
     check = sub.add_parser("check", help="validate a config file: exit 0, or list problems, exit 2")
@@ -139,28 +157,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _invalid(args.config, exc)
         return 2
+    from gateway.server.supervisor import Supervisor, with_shared_cache
 
     def overrides(given: Settings) -> Settings:
-        """--host and --port win over the file: at start and at every reload."""
+        """--host, --port and --reuse-port win over the file, and a --workers worker's tokens
+        go through the supervisor's cache files: at start and at every reload."""
         listen = given.listen
         if args.host is not None:
             listen = dataclasses.replace(listen, host=args.host)
         if args.port is not None:
             listen = dataclasses.replace(listen, port=args.port)
-        return dataclasses.replace(given, listen=listen)
+        if args.reuse_port:
+            listen = dataclasses.replace(listen, reuse_port=True)
+        given = dataclasses.replace(given, listen=listen)
+        if args.shared_cache_dir:
+            given = with_shared_cache(given, Path(args.shared_cache_dir))
+        return given
 
     settings = overrides(loaded)
     exposure = check_exposure(settings.listen)
     if exposure:
         print(f"modelarts-gateway: refusing to start: {exposure}", file=sys.stderr)
         return 2
+    problem = _workers_problem(args.workers, args.worker_index, settings.listen.metrics_port)
+    if problem:
+        print(f"modelarts-gateway: {problem}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level, args.log_format)
+    notify_socket = os.environ.get("NOTIFY_SOCKET")
+    if args.workers > 1:
+        flags = ["--config", args.config, "--host", settings.listen.host]
+        flags += ["--log-level", args.log_level, "--log-format", args.log_format]
+        return _run_supervisor(Supervisor(settings, args.workers, flags, notify_socket).run())
 
     from gateway.server.reload import ConfigSource, digest
     from gateway.server.run import serve
 
     source = ConfigSource(Path(args.config), os.environ, overrides, digest(text))
-    return _run(serve(settings, source=source, notify_socket=os.environ.get("NOTIFY_SOCKET")))
+    return _run(
+        serve(
+            settings,
+            source=source,
+            notify_socket=notify_socket,
+            worker=args.worker_index or 0,
+            parent_fd=args.parent_fd,
+        )
+    )
+
+
+def _workers_problem(workers: int, index: int | None, metrics_port: int | None) -> str | None:
+    """Why ``--workers`` / ``--worker-index`` cannot be used as given, or None."""
+    if workers < 1:
+        return "--workers must be >= 1"
+    if index is not None and index < 0:
+        return "--worker-index must be >= 0"
+    if workers > 1 and index is not None:
+        return "--worker-index is for one process; --workers numbers its workers itself"
+    last = max(workers - 1, index or 0)
+    if metrics_port is not None and metrics_port + last > 65535:
+        return f"listen.metrics_port {metrics_port} + worker index {last} is over 65535"
+    return None
+
+
+def _run_supervisor(coro: Coroutine[Any, Any, int]) -> int:
+    missing = c_extensions_missing()
+    if missing is not None:
+        coro.close()
+        print(f"modelarts-gateway: refusing to start: {missing}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(coro)
+    except OSError as exc:
+        print(f"modelarts-gateway: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 def _token(path: str, credential: str | None, show: bool) -> int:

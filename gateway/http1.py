@@ -15,6 +15,7 @@ import contextlib
 import select
 import ssl
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, cast
 
 import aiohttp
@@ -111,7 +112,9 @@ class _Connection(asyncio.Protocol):
         self._payload: aiohttp.StreamReader | None = None
         self._should_close = False
         self._reading_paused = False
+        self.idle_since = 0.0  # loop time it was last given back to the pool
         self.expires_at = 0.0  # loop time after which this idle connection is closed
+        self._poller: Any = None  # select.poll with this socket registered, made at first use
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -197,11 +200,13 @@ class _Connection(asyncio.Protocol):
         for; either way it must not carry another request (urllib3 checks the same way).
         """
         assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        poller = self._poller
+        if poller is None:  # once per connection: one poll(2) per reuse after that
+            sock = self.transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            poller = self._poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
     async def exchange(
@@ -211,7 +216,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             raise NotSent("the connection closed before the request was written")
-        self._parser = response_parser(self, method, READ_BUFSIZE)
+        self._parser = response_parser(self, method, READ_BUFSIZE, self._loop)
         self._payload = None
         self._should_close = False
         waiter = self._waiter = self._loop.create_future()
@@ -266,6 +271,8 @@ class UpstreamClient:
         self._max_idle = max_idle
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweep: asyncio.TimerHandle | None = None  # the next idle expiry, if any
+        # the pools the serving config uses and their keepalive (None: any pool, as asked)
+        self._wanted: dict[ConnKey, float] | None = None
 
     async def request(
         self,
@@ -288,8 +295,7 @@ class UpstreamClient:
         failed (the upstream never had the whole request), or the method is idempotent. A POST
         the upstream may have read and started is never run twice (issue 9).
         """
-        port = url.port or (443 if url.scheme == "https" else 80)
-        key = (pool, url.scheme, url.host or "", port)
+        key = pool_key(pool, url)
         head = _request_head(method, url, headers, body)
         for attempt in (1, 2):
             conn = self._take(key)
@@ -308,6 +314,34 @@ class UpstreamClient:
                 raise
             return UpstreamResponse(conn, message, payload)
         raise AssertionError("unreachable")
+
+    def follow(self, pools: Mapping[str, tuple[URL, float]]) -> None:
+        """Keep only the pools the serving config uses (name → (upstream, keepalive)).
+
+        Called when a config starts serving (start-up and every reload): idle connections of a
+        route that left the config or moved to another upstream are closed now (nothing will
+        take them), those of a kept route are held to its current ``pool_idle`` from when they
+        went idle, and a connection still in use under an older config is given back under the
+        new one's rules, so a shortened ``pool_idle`` applies at once, not after the old one.
+        """
+        wanted = {pool_key(name, url): keepalive for name, (url, keepalive) in pools.items()}
+        self._wanted = wanted
+        for key, idle in list(self._idle.items()):
+            keepalive = wanted.get(key)
+            if keepalive is None:
+                while idle:
+                    idle.pop().close()
+                del self._idle[key]
+                continue
+            for conn in idle:
+                conn.keepalive = keepalive
+                conn.expires_at = conn.idle_since + keepalive
+            self._idle[key] = deque(sorted(idle, key=_expiry))
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        if self._loop is not None:
+            self._expire()
 
     async def close(self) -> None:
         if self._sweep is not None:
@@ -341,7 +375,22 @@ class UpstreamClient:
             conn.close()
         return None
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this client runs on (found once, then remembered)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def give_back(self, conn: _Connection) -> None:
+        wanted = self._wanted
+        if wanted is not None:
+            keepalive = wanted.get(conn.key)
+            if keepalive is None:  # its route left the config or moved: nobody will take it
+                conn.close()
+                return
+            conn.keepalive = keepalive
         idle = self._idle.setdefault(conn.key, deque())
         if len(idle) >= self._max_idle:
             conn.close()
@@ -349,8 +398,17 @@ class UpstreamClient:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        conn.expires_at = expires = loop.time() + conn.keepalive
-        idle.append(conn)  # newest on the right: each deque is ordered by expiry
+        conn.idle_since = now = loop.time()
+        conn.expires_at = expires = now + conn.keepalive
+        if idle and idle[-1].expires_at > expires:
+            # a shorter keepalive than a connection already idle (a request from before a
+            # reload that changed pool_idle): inserted in order, _expire relies on it
+            at = len(idle) - 1
+            while at and idle[at - 1].expires_at > expires:
+                at -= 1
+            idle.insert(at, conn)
+        else:
+            idle.append(conn)  # newest on the right: each deque is ordered by expiry
         sweep = self._sweep
         if sweep is None:
             self._sweep = loop.call_at(expires, self._expire)
@@ -401,6 +459,15 @@ class UpstreamClient:
             raise ConnectFailed(exc.errno, type(exc).__name__) from None
         self._all.add(conn)
         return conn
+
+
+def pool_key(pool: str, url: URL) -> ConnKey:
+    """The pool a request to ``url`` for pool ``pool`` (a route's name) takes connections from."""
+    return (pool, url.scheme, url.host or "", url.port or (443 if url.scheme == "https" else 80))
+
+
+def _expiry(conn: _Connection) -> float:
+    return conn.expires_at
 
 
 def _request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> bytes:

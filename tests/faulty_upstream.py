@@ -20,6 +20,7 @@ HEADS = {
     "close": b"Connection: close\r\n",
     "chunked": b"Transfer-Encoding: chunked\r\n",
     "length": b"Content-Length: 100000\r\n",
+    "small": b"Content-Length: 2000\r\n",  # read whole before the answer goes out
 }
 
 

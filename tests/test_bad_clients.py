@@ -73,7 +73,7 @@ async def test_headers_trickling_in_do_not_block_other_clients(
         answer = await read_answer(reader)
         # complete long before header_timeout (30 s): served like any other request
         assert answer is not None and answer.status == 200
-        assert json.loads(answer.body) == {"status": "ok"}
+        assert json.loads(answer.body)["status"] == "ok"
     finally:
         slow.cancel()
         writer.close()

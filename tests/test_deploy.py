@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -210,11 +211,43 @@ def test_termination_grace_covers_pre_stop_and_shutdown_grace(
     assert pod["terminationGracePeriodSeconds"] >= needed
 
 
-def test_systemd_stop_timeout_exceeds_default_shutdown_grace() -> None:
-    unit = (DEPLOY / "systemd" / "modelarts-gateway.service").read_text()
+@pytest.mark.parametrize("name", ["modelarts-gateway.service", "modelarts-gateway@.service"])
+def test_systemd_stop_timeout_exceeds_default_shutdown_grace(name: str) -> None:
+    unit = (DEPLOY / "systemd" / name).read_text()
     timeout = re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE)
     assert timeout is not None
     assert float(timeout.group(1)) >= DEFAULT_SHUTDOWN_GRACE + EXIT_MARGIN
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    """``Key=value`` lines of a unit file (every value of a repeated key)."""
+    found: dict[str, list[str]] = {}
+    for line in (DEPLOY / "systemd" / name).read_text().splitlines():
+        if line and line[0] not in "#[" and "=" in line:
+            key, _, value = line.partition("=")
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_systemd_template_instances_share_the_port_the_user_and_the_token_cache() -> None:
+    from gateway.cli import COMMANDS, _parser
+
+    unit = unit_settings("modelarts-gateway@.service")
+    (exec_start,) = unit["ExecStart"]
+    argv = shlex.split(exec_start.replace("%i", "0"))
+    flags = argv[1:] if argv[1] in COMMANDS else ["serve", *argv[1:]]  # as main() reads them
+    args = _parser().parse_args(flags)  # the flags are the gateway's own
+    assert args.command == "serve"
+    assert args.reuse_port and args.worker_index == 0
+    # SO_REUSEPORT admits only sockets of the same user: every instance must run as the same one
+    assert unit["DynamicUser"] == ["yes"] and unit["User"] == ["modelarts-gateway"]
+    assert unit["CacheDirectory"] == ["modelarts-gateway"]
+    assert unit["CacheDirectoryMode"] == ["0700"]
+    assert unit["KillMode"] == ["mixed"] and unit["Type"] == ["notify"]
+    # the rest of the sandbox is the single unit's
+    single = unit_settings("modelarts-gateway.service")
+    for key in ("ProtectSystem", "SystemCallFilter", "RestrictAddressFamilies", "UMask"):
+        assert unit[key] == single[key], key
 
 
 def test_compose_stop_grace_exceeds_default_shutdown_grace() -> None:

@@ -458,7 +458,7 @@ async def test_the_concurrency_slot_is_taken_before_the_body_is_read(
     assert answer is not None and answer.status == 200
 
 
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "chunked-whole"])
 async def test_bodies_in_flight_beyond_max_buffered_body_get_503(
     start: Start, recording: RecordingUpstream, framing: str
 ) -> None:
@@ -475,7 +475,11 @@ async def test_bodies_in_flight_beyond_max_buffered_body_get_503(
         else:
             second = request_bytes(
                 "POST", CHAT, host_of(gw), headers={"Transfer-Encoding": "chunked"}
-            ).replace(b"Content-Length: 0\r\n", b"") + chunk(body[:400])  # and more to come
+            ).replace(b"Content-Length: 0\r\n", b"")
+            if framing == "chunked":
+                second += chunk(body[:400])  # and more to come
+            else:  # the whole body at once, read without waiting (issue 13): still counted
+                second += chunk(body[:400]) + chunk(body[400:]) + b"0\r\n\r\n"
         assert error_of(await raw_exchange(gw.url, second)) == (503, "buffer_full")
         await write_raw(first_w, body)
         answer = await read_answer(first_r)
@@ -486,6 +490,26 @@ async def test_bodies_in_flight_beyond_max_buffered_body_get_503(
     # the budget is given back once a request ends
     answer = await raw_exchange(gw.url, post(gw, body))
     assert answer is not None and answer.status == 200
+
+
+@pytest.mark.parametrize("size", [1000, 1001])
+async def test_a_chunked_body_arriving_whole_is_held_to_max_body(
+    start: Start, recording: RecordingUpstream, size: int
+) -> None:
+    gw = await start(route={"max_body": 1000})
+    body = b'{"model":"m","pad":"' + b"p" * (size - 22) + b'"}'
+    assert len(body) == size
+    request = request_bytes(
+        "POST", CHAT, host_of(gw), headers={"Transfer-Encoding": "chunked"}
+    ).replace(b"Content-Length: 0\r\n", b"")
+    request += chunk(body[:300]) + chunk(body[300:]) + b"0\r\n\r\n"  # one write, all of it
+    answer = await raw_exchange(gw.url, request)
+    if size > 1000:
+        assert error_of(answer) == (413, "request_too_large")
+        assert recording.received == []
+    else:
+        assert answer is not None and answer.status == 200
+        assert recording.received[-1].endswith(b"\r\n\r\n" + body)
 
 
 @pytest.mark.parametrize("limit", [None, 4096])

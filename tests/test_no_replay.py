@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -119,9 +120,14 @@ async def test_an_idempotent_request_whose_reused_connection_dies_is_sent_again(
     assert dying.connections == 2
 
 
-async def test_a_pooled_connection_closed_by_the_upstream_is_noticed_before_reuse() -> None:
+@pytest.mark.parametrize("how", ["fin", "reset"])
+async def test_a_pooled_connection_closed_by_the_upstream_is_noticed_before_reuse(
+    how: str,
+) -> None:
     # The upstream closes the idle connection and the very next request is sent before the event
-    # loop has run: the FIN is in the socket but unseen. The POST must go on a new connection.
+    # loop has run: the FIN (or RST) is in the socket but unseen. The POST must go on a new
+    # connection, once. (After an RST the write itself fails too, so only the FIN case needs
+    # the check before reuse; both must end the same.)
     loop = asyncio.get_running_loop()
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
@@ -148,7 +154,9 @@ async def test_a_pooled_connection_closed_by_the_upstream_is_noticed_before_reus
             conn1, _ = await loop.sock_accept(listener)
             await serve_one(conn1)
             assert await first == OK
-            conn1.close()  # FIN, now; the client's loop has not seen it yet
+            if how == "reset":
+                conn1.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn1.close()  # FIN or RST, now; the client's loop has not seen it yet
             second = loop.create_task(post())  # runs up to its first wait: the pool, the write
             conn2, _ = await loop.sock_accept(listener)
             assert (await serve_one(conn2)).startswith(b"POST /v1/chat/completions")

@@ -7,6 +7,7 @@ its answers until a whole burst has arrived, so the burst needs one connection p
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -212,3 +213,35 @@ def test_pool_idle_must_be_positive() -> None:
     with pytest.raises(ConfigError) as info:
         parse_settings(raw, {})
     assert "routes[0].timeouts.pool_idle: must be > 0" in str(info.value)
+
+
+def block_the_loop(seconds: float) -> None:
+    """What a busy event loop does to its timers: nothing runs for ``seconds``."""
+    time.sleep(seconds)
+
+
+async def test_a_connection_past_pool_idle_is_not_reused_even_if_the_timer_is_late() -> None:
+    # A busy loop runs the pool's timer late; the next request must still not take a
+    # connection idle for longer than pool_idle (the upstream may be closing it right now).
+    upstream = await CountingUpstream(burst=1).start()
+    client = UpstreamClient()
+    url = URL(upstream.url + "/v1/x")
+
+    async def post() -> bytes:
+        response = await client.request(
+            "POST", url, CIMultiDict(), b"{}", 5.0, pool="r", keepalive=0.05
+        )
+        try:
+            return await response.content.read()
+        finally:
+            response.release()
+
+    try:
+        async with asyncio.timeout(10):
+            assert await post() == OK
+            block_the_loop(0.1)  # past the expiry, and the timer cannot run meanwhile
+            assert await post() == OK
+        assert upstream.opened == 2
+    finally:
+        await client.close()
+        await upstream.close()

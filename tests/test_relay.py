@@ -147,6 +147,36 @@ def test_ends_event_false_inside_an_event(prev: bytes, tail: bytes) -> None:
     assert not ends_event(prev, tail)
 
 
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"data: x", b"\r\n", b"\r", b"\n"],  # a CRLF blank line split over three chunks
+        [b"data: x", b"\r", b"\n", b"\r", b"\n"],
+        [b"data: x\n", b"\n", b"data: y", b"\n", b"\n"],
+    ],
+)
+async def test_an_event_end_split_into_tiny_chunks_is_still_a_boundary(
+    pieces: list[bytes],
+) -> None:
+    # the relay keeps the last two chunks only; tiny ones must not push the boundary out of view
+    h = Harness(heartbeat=0)
+    for piece in pieces:
+        await h.send(piece)
+    h.source.feed_eof()
+    assert await h.result() == "done"
+    assert h.sink.body == b"".join(pieces)
+    assert not h.sink.aborted
+
+
+async def test_a_tiny_chunk_inside_an_event_is_not_a_boundary() -> None:
+    h = Harness(heartbeat=0)
+    for piece in [b"data: x\n\n", b"d", b"\n"]:  # "d\n" is a line, not a blank line
+        await h.send(piece)
+    h.source.feed_eof()
+    assert await h.result() == "upstream_error"
+    assert h.sink.aborted
+
+
 # --- error_event -------------------------------------------------------------------------------
 
 

@@ -177,7 +177,9 @@ async def test_cache_file_is_0600_and_spares_iam_after_a_restart(
     assert cloud.iam.calls == 1  # the second gateway never called IAM
     assert cloud.modelarts.requests[-1].headers["X-Auth-Token"] == token
     assert token not in log_text(captured_logs)
-    assert [p.name for p in path.parent.iterdir()] == ["main.json"]  # no temp files left
+    # no temp files left; the fetch lock (shared by processes using the file) stays, empty
+    assert sorted(p.name for p in path.parent.iterdir()) == [".main.json.lock", "main.json"]
+    assert (path.parent / ".main.json.lock").stat().st_size == 0
 
 
 async def run_with_cache(

@@ -8,14 +8,17 @@ The cache's wall clock is shifted instead of waiting out a token's life.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import GatewayFactory
+from conftest import GatewayFactory, base_config
+from test_temporary_aksk import config_with
 from test_tokens import DAY, cache_of, chat, shift_clock, tokens_seen, watch_refreshes
 
+from gateway.config.load import ConfigError, parse_settings
 from gateway.credentials.token_cache import Token, TokenCache, safety_point
 from gateway.testing import FakeCloud
 
@@ -90,3 +93,32 @@ async def test_the_safety_point_comes_strictly_after_the_refresh_point(seconds: 
     assert (await flight).value == "new"
     assert fetched == [clock[0]]
     assert (await cache.get()).value == "new"
+
+
+# at 0 the refresh would start at expiry: no window where the old token serves, so every request
+# at expiry would wait for (or fail with) the credential service
+ZERO_MARGIN = "credentials.main.refresh_margin: must be > 0"
+
+
+@pytest.mark.parametrize("value", [0, "0s", "0ms"])
+def test_a_zero_refresh_margin_is_refused_naming_its_key(cloud: FakeCloud, value: object) -> None:
+    config = copy.deepcopy(base_config(cloud))
+    margin(value)(config)
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(config, {})
+    assert ZERO_MARGIN in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "credential",
+    [
+        {"type": "ecs_metadata"},
+        {"type": "pod_identity", "uri": "http://127.0.0.1:9/c", "token_file": "/t"},
+    ],
+)
+def test_a_zero_refresh_margin_is_refused_for_temporary_keys_too(
+    credential: dict[str, Any],
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(config_with({**credential, "refresh_margin": 0}), {})
+    assert ZERO_MARGIN in str(caught.value)

@@ -2,19 +2,21 @@
 
 Every combination: framing (close-delimited, chunked, a Content-Length never reached) by how the
 connection ends (FIN, reset) by where (on an SSE event boundary, inside an event) by body type
-(SSE, JSON). The upstream is a raw socket; the client reads the gateway's answer off a raw
-socket too, so "clean end" means exactly: the terminating chunk (or the whole Content-Length).
+(SSE, JSON); and a small JSON answer (read whole before anything goes out) cut short. The
+upstream is a raw socket; the client reads the gateway's answer off a raw socket too, so
+"clean end" means exactly: the terminating chunk (or the whole Content-Length).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import GatewayFactory, RunningGateway
+from conftest import RAW_WAIT, GatewayFactory, RunningGateway
 from faulty_upstream import DyingUpstream, RawClient
 
 from gateway.proxy.sse import error_event
@@ -115,3 +117,68 @@ async def test_a_chunked_sse_body_that_ends_inside_an_event_is_cut(
     answer = await client.finish()
     assert answer.body == FIRST + OFF
     assert not answer.complete
+
+
+@pytest.mark.parametrize("fault", ["fin", "reset"])
+@pytest.mark.parametrize("boundary", [True, False])
+async def test_a_small_answer_cut_before_its_content_length_is_a_502_never_a_200(
+    make_gateway: GatewayFactory, upstream: DyingUpstream, fault: str, boundary: bool
+) -> None:
+    # a small Content-Length answer is read whole before anything goes out: cut short, the
+    # client gets the gateway's own error, not a 200 with part of a body
+    gw = await make_gateway(raw_route(upstream.url))
+    upstream.framing, upstream.fault = "small", fault
+    upstream.content_type = "application/json"
+    upstream.parts = [FIRST, ON if boundary else OFF]
+    upstream.go.set()
+    client = await RawClient.post(gw.url, "/raw/v1/chat/completions", b"{}")
+    answer = await client.finish()
+    assert answer.status == 502, answer
+    assert answer.complete
+    assert json.loads(answer.body)["error"]["code"] == "upstream_error"
+    assert answer.headers["x-request-id"]
+    assert upstream.requests == 1
+
+
+async def http10(gw: RunningGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, _, port = gw.url.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /raw/v1/chat/completions HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}")
+    return reader, writer
+
+
+@pytest.mark.parametrize("framing", ["close", "chunked"])
+@pytest.mark.parametrize("fault", ["fin", "reset"])
+async def test_an_http10_client_sees_a_cut_as_a_reset_never_as_the_end_of_its_body(
+    make_gateway: GatewayFactory, upstream: DyingUpstream, framing: str, fault: str
+) -> None:
+    # HTTP/1.0 (or nginx's default proxy_http_version 1.0) cannot get chunked framing: its body
+    # ends where the connection does, so a FIN would be a clean end. A cut must be a reset.
+    gw = await make_gateway(raw_route(upstream.url))
+    for boundary, sse in itertools.product((True, False), (True, False)):
+        upstream.framing, upstream.fault = framing, fault
+        upstream.content_type = "text/event-stream" if sse else "application/json"
+        upstream.parts = [FIRST, ON if boundary else OFF]
+        upstream.go.clear()
+        sent = b"".join(upstream.parts)
+        reader, writer = await http10(gw)
+        case = f"{framing}/{fault}/{'on' if boundary else 'off'}/{'sse' if sse else 'json'}"
+        async with asyncio.timeout(RAW_WAIT):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 200"), case
+            assert b"content-length" not in head.lower() and b"chunked" not in head.lower()
+            body = await reader.readexactly(len(sent))
+            assert body == sent, case
+            upstream.go.set()
+            try:
+                rest, reset = await reader.read(), False
+            except ConnectionResetError:
+                rest, reset = b"", True
+        writer.close()
+        want = expected(framing, fault, boundary, sse)
+        if want == "clean":
+            assert (rest, reset) == (b"", False), case
+        elif want == "error":  # said inside the stream, then closed: the event tells
+            assert (rest, reset) == (error_event("upstream_error"), False), case
+        else:
+            assert reset, f"{case}: a cut body ended with a FIN, a clean end for HTTP/1.0"

@@ -248,8 +248,12 @@ def _parse_listen(raw: object, problems: list[str]) -> Listen:
         max_buffered_body=s.convert("max_buffered_body", 256 * 1024 * 1024, parse_size),
         max_header_bytes=s.convert("max_header_bytes", 64 * 1024, parse_size),
         backlog=s.integer("backlog", 1024, 1),
+        reuse_port=_boolean(s, "reuse_port"),
+        metrics_port=s.integer("metrics_port", 0, 1, 65535) if s.has("metrics_port") else None,
         key_defaults=defaults,
     )
+    if listen.metrics_port is not None and listen.metrics_port == listen.port:
+        s.problem("metrics_port", "must differ from listen.port")
     for name in ("keepalive_timeout", "body_timeout", "max_buffered_body", "max_header_bytes"):
         if s.has(name) and getattr(listen, name) <= 0:
             s.problem(name, "must be > 0")
@@ -313,9 +317,19 @@ def _path(s: _Section, name: str) -> Path | None:
     return Path(text) if text else None
 
 
+def _refresh_margin(s: _Section) -> float:
+    """``refresh_margin``: > 0, since the old token serves only while a refresh runs inside it
+    (at 0 the refresh would start at expiry, and requests would wait for IAM)."""
+    margin: float = s.convert("refresh_margin", 300.0, parse_duration)
+    if margin <= 0:
+        s.problem("refresh_margin", "must be > 0 (the old token serves while the refresh runs)")
+        return 300.0
+    return margin
+
+
 def _parse_iam_password(s: _Section, name: str) -> CredentialConfig:
     scope = _iam_scope(s)
-    margin = s.convert("refresh_margin", 300.0, parse_duration)
+    margin = _refresh_margin(s)
     return IamPasswordCredential(
         name=name,
         iam_url=scope.iam_url,
@@ -347,7 +361,7 @@ def _parse_agency(s: _Section, name: str) -> CredentialConfig:
         agency_name=s.string("agency_name", required=True),
         project=scope.project,
         project_id=scope.project_id,
-        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+        refresh_margin=_refresh_margin(s),
         region=scope.region,
         cache_file=_path(s, "cache_file"),
     )
@@ -369,7 +383,7 @@ def _parse_workload_identity(s: _Section, name: str) -> CredentialConfig:
         token_file=token_file or Path(),
         project=scope.project,
         project_id=scope.project_id,
-        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+        refresh_margin=_refresh_margin(s),
         region=scope.region,
     )
 
@@ -453,7 +467,7 @@ def _parse_ecs_metadata(s: _Section, name: str) -> EcsMetadataCredential:
     return EcsMetadataCredential(
         name=name,
         metadata_url=url,
-        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+        refresh_margin=_refresh_margin(s),
     )
 
 
@@ -477,7 +491,7 @@ def _parse_pod_identity(s: _Section, name: str, environ: Mapping[str, str]) -> C
         name=name,
         uri=uri or URL(),
         token_file=token_file or Path(),
-        refresh_margin=s.convert("refresh_margin", 300.0, parse_duration),
+        refresh_margin=_refresh_margin(s),
     )
 
 

@@ -310,6 +310,12 @@ class Listen:
     max_buffered_body: int = 256 * 1024 * 1024  # request bytes held at once, all requests (503)
     max_header_bytes: int = 64 * 1024  # a request's header lines in total (431)
     backlog: int = 1024  # listen(2) queue: a burst beyond it waits for a SYN retransmit (1 s)
+    # SO_REUSEPORT: several gateway processes (of this user) share one port, the kernel spreads
+    # new connections over them (--workers N, or the systemd template unit)
+    reuse_port: bool = False
+    # Each process also serves /metrics, /healthz and /readyz on metrics_port + its worker index:
+    # on a shared port a scrape reaches whichever process the kernel picks.
+    metrics_port: int | None = None
     key_defaults: KeyLimits = field(default_factory=KeyLimits)
 
 

@@ -2,7 +2,8 @@
 
 A plain-http IAM or upstream URL off this machine sends the password or token in clear text
 to every hop on the way; ``allowed_origins: ["*"]`` lets any web page the user opens use the
-gateway, and its credential, from the browser.
+gateway, and its credential, from the browser. Processes sharing a port (``reuse_port``) without
+a shared ``cache_file`` each call IAM: more logins than needed, not a leak.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import ipaddress
 from yarl import URL
 
 from gateway.config.model import (
+    AgencyCredential,
     EcsMetadataCredential,
+    IamPasswordCredential,
     PodIdentityCredential,
     SdkDefaultCredential,
     Settings,
@@ -80,6 +83,25 @@ def start_up_risks(settings: Settings) -> list[str]:
                 f"routes[{i}].upstream is plain http:// to another machine: the credential "
                 "crosses the network unencrypted; use https://"
             )
+    if settings.listen.reuse_port and settings.limits_store.type == "memory":
+        counted = [k.name for k in settings.listen.api_keys if k.limits.counted]
+        if counted:
+            risks.append(
+                "listen.reuse_port is on and limits_store.type is memory: each process sharing "
+                f"the port counts the per-key limits of {', '.join(map(repr, counted))} alone, "
+                "so N processes admit up to N times each limit; use limits_store.type: redis"
+            )
+    if settings.listen.reuse_port:
+        for name, config in settings.credentials.items():
+            if (
+                isinstance(config, IamPasswordCredential | AgencyCredential)
+                and not config.cache_file
+            ):
+                risks.append(
+                    f"listen.reuse_port is on and credentials.{name} has no cache_file: each "
+                    "process sharing the port fetches its own token from IAM; give it a "
+                    "cache_file the processes share"
+                )
     if "*" in settings.listen.allowed_origins:
         risks.append(
             'listen.allowed_origins is ["*"]: any web page open in a browser that can reach the '

@@ -13,10 +13,15 @@ there) and overwritten after the next fetch:
 Writes are atomic: a new file is created next to it with ``O_CREAT | O_EXCL`` and mode 0600 (no
 moment where it is readable by others, whatever the umask), synced, then renamed over the old one.
 Log lines name the path and the reason, never the token.
+
+Several processes may share one file (``--workers``, the systemd template unit): a fetch then
+happens under an exclusive ``flock`` on ``.<name>.lock`` next to it, and whoever gets the lock
+first reads the file again, so one process calls IAM and the others adopt what it wrote.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -26,8 +31,13 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: there each process fetches its own token
+    fcntl = None  # type: ignore[assignment]
 
 from gateway.credentials.token_cache import EXPIRY_SAFETY, Token
 
@@ -38,6 +48,11 @@ MAX_SIZE = 64 * 1024
 # PBKDF2 iterations for the password's share of the fingerprint: the file must not make an offline
 # guess of the password cheap (a plain SHA-256 of a weak password is brute-forced in seconds).
 PASSWORD_HASH_ITERATIONS = 200_000
+# How long a fetch waits for another process's fetch under the lock: longer than one IAM call
+# (IAM_TIMEOUT, 30 s) so a slow IAM is waited for; after it the fetch goes ahead unlocked.
+LOCK_WAIT = 45.0
+# A held lock is polled (flock has no awaitable form; a blocked thread could not be cancelled).
+LOCK_POLL = 0.02
 
 
 def fingerprint(*parts: str) -> str:
@@ -133,6 +148,63 @@ class TokenCacheFile:
             remaining,
         )
         return token
+
+    @contextlib.asynccontextmanager
+    async def lock(self) -> AsyncIterator[None]:
+        """Hold the file's fetch lock (``flock`` on ``.<name>.lock``) for the block.
+
+        Without it (cannot be opened, or held by another process past ``LOCK_WAIT``) the block
+        runs anyway, with a warning: a second IAM call is better than no token.
+        """
+        fd = self._open_lock()
+        try:
+            if fd is not None:
+                await self._acquire(fd)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # closing the descriptor releases the flock
+
+    def _open_lock(self) -> int | None:
+        if fcntl is None:
+            return None
+        path = self.path.with_name(f".{self.path.name}.lock")
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return os.open(path, flags, 0o600)
+        except OSError as exc:
+            log.warning(
+                "credential %r: cannot open the lock %s (%s): fetching without it",
+                self.name,
+                path,
+                exc.strerror or type(exc).__name__,
+            )
+            return None
+
+    async def _acquire(self, fd: int) -> None:
+        assert fcntl is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOCK_WAIT
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if not waited:
+                waited = True
+                log.debug("credential %r: another process is fetching a token", self.name)
+            if loop.time() >= deadline:
+                log.warning(
+                    "credential %r: the lock of cache_file %s is held over %g s: fetching anyway",
+                    self.name,
+                    self.path,
+                    LOCK_WAIT,
+                )
+                return
+            await asyncio.sleep(LOCK_POLL)
 
     def save(self, token: Token) -> None:
         """Replace the file atomically with ``token``; a failure is logged, never raised."""

@@ -8,6 +8,7 @@ scope; IAM answers 201 with the token in ``X-Subject-Token`` and ``token.expires
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 from datetime import datetime
 from pathlib import Path
@@ -130,6 +131,8 @@ class CachedToken:
         self._fingerprint: str | None = None
         self._file = TokenCacheFile(name, cache_file, self.fingerprint) if cache_file else None
         self._file_loaded = False
+        # tokens an upstream or IAM refused: never adopted again from a shared cache file
+        self._refused: collections.deque[str] = collections.deque(maxlen=8)
 
     async def _request(self) -> Token:
         raise NotImplementedError
@@ -154,10 +157,25 @@ class CachedToken:
                 self.cache.seed(token)
 
     async def _fetch(self) -> Token:
-        token = await self._request()
-        if self._file is not None:
+        if self._file is None:
+            return await self._request()
+        # Processes sharing the file take turns: the first calls IAM and saves, the others,
+        # once they hold the lock, find its token in the file and adopt it (one IAM call).
+        async with self._file.lock():
+            shared = self._file.load()
+            if shared is not None and self._adoptable(shared):
+                return shared
+            token = await self._request()
             await asyncio.to_thread(self._file.save, token)
-        return token
+            return token
+
+    def _adoptable(self, token: Token) -> bool:
+        """Whether a token found in the file replaces ours: another one, never refused here,
+        and not itself due for refresh."""
+        current = self.cache.token
+        if current is not None and current.value == token.value:
+            return False
+        return token.value not in self._refused and not self.cache.due(token)
 
     async def token(self) -> Token:
         """A usable token (from memory, the cache file, or a fetch)."""
@@ -165,6 +183,8 @@ class CachedToken:
         return await self.cache.get()
 
     def invalidate_token(self, value: str) -> None:
+        if value not in self._refused:
+            self._refused.append(value)
         self.cache.invalidate(value)
 
     async def apply(self, outgoing: Outgoing) -> None:
@@ -174,7 +194,7 @@ class CachedToken:
 
     def invalidate(self, outgoing: Outgoing) -> bool:
         if isinstance(outgoing.credential_state, str):
-            self.cache.invalidate(outgoing.credential_state)
+            self.invalidate_token(outgoing.credential_state)
         return True
 
     def ready(self) -> str | None:

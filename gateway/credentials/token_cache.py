@@ -118,10 +118,7 @@ class TokenCache(Generic[T]):
         """A token usable now, fetching one (or joining the fetch under way) when needed."""
         token = self.usable()
         if token is not None:
-            if (
-                self._now() >= token.expires_at - self._margin
-                and time.monotonic() >= self._refresh_after
-            ):
+            if self.due(token) and time.monotonic() >= self._refresh_after:
                 self._start_fetch()  # refresh in the background; the old token still serves
             return token
         flight = self._start_fetch()
@@ -138,6 +135,10 @@ class TokenCache(Generic[T]):
             raise CredentialUnavailable(
                 f"credential {self.name!r} has no token: {exc.reason}"
             ) from None
+
+    def due(self, token: Token) -> bool:
+        """True from ``token``'s refresh point on (``expires_at - refresh_margin``)."""
+        return self._now() >= token.expires_at - self._margin
 
     def seed(self, token: T) -> bool:
         """Adopt a token obtained elsewhere (an on-disk cache) if none is cached; True if used."""

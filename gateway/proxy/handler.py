@@ -54,7 +54,7 @@ from gateway.proxy.response import is_small, relay_body, whole
 from gateway.proxy.routing import PathGroup, check_method
 from gateway.proxy.runtime import Runtime
 from gateway.proxy.sse import Relay
-from gateway.proxy.target import Target, parse_target, without_keys
+from gateway.proxy.target import Target, Targets, without_keys
 from gateway.proxy.upstream import send
 
 log = logging.getLogger("gateway.proxy")
@@ -75,6 +75,7 @@ class Proxy:
         self.runtime = runtime  # replaced whole by a reload (swap), never changed in place
         self.client = client
         self.metrics = metrics
+        self.targets = Targets()  # parse_target, remembered: the same for every config
         # one per process: the store (its counts) and its health outlive every reload
         store = limits_store if limits_store is not None else MemoryStore()
         self.limiter = KeyLimiter(store, runtime.settings.limits_store, metrics)
@@ -112,7 +113,7 @@ class Proxy:
             except GatewayError as err:
                 ex.status = err.status
                 if ex.ttfb is None:  # refused by the gateway, not answered by the upstream
-                    self.metrics.rejected.labels(ex.route, err.code).inc()
+                    self.metrics.child(self.metrics.rejected, ex.route, err.code).inc()
                 if err.status >= 500:
                     log.warning("%s: %s", err.code, err.message)
                 response = error_response(err, ex.rid)
@@ -168,7 +169,7 @@ class Proxy:
         """Answer a guarded call from the upstream its route names."""
         if self.draining:
             raise ServiceUnavailable("the gateway is shutting down; retry on another instance")
-        target = parse_target(request.raw_path)
+        target = self.targets(request.raw_path)
         if rt.key_digests and target.query:
             target = replace(target, query=without_keys(target.query, rt.key_digests))
         group = rt.router.match(target.path)
@@ -280,7 +281,10 @@ class Proxy:
             ex.status = upstream.status
             response: web.StreamResponse
             if is_small(upstream):
-                secrets = (*rt.secrets, *sent_secrets(outgoing.headers))
+                # only an error answer is searched for secrets to take out (apig_error)
+                secrets = (
+                    (*rt.secrets, *sent_secrets(outgoing.headers)) if upstream.status >= 400 else ()
+                )
                 response = await whole(upstream, route, ex, deadline, self.metrics, secrets)
             else:
                 response = await relay_body(

@@ -55,8 +55,15 @@ RESPONSE_CREDENTIALS = frozenset(
 DROP_RESPONSE = HOP_BY_HOP | RESPONSE_CREDENTIALS | frozenset(("content-length", "date", "server"))
 
 
-def _without(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    """``headers`` minus ``drop`` and minus every header named in Connection (RFC 9110 §7.6.1)."""
+# What a hop says about the client: any client could claim to be one (listen.trust_forwarded).
+FORWARDING = frozenset(("forwarded", "via", "x-real-ip"))
+
+
+def _without(
+    headers: CIMultiDictProxy[str], drop: frozenset[str], *, forwarding: bool = False
+) -> CIMultiDict[str]:
+    """``headers`` minus ``drop`` and minus every header named in Connection (RFC 9110 §7.6.1);
+    with ``forwarding``, minus the forwarding headers too (in the same pass)."""
     named = {
         token.strip().lower()
         for value in headers.getall("Connection", ())
@@ -65,8 +72,11 @@ def _without(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDic
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         low = name.lower()
-        if low not in drop and low not in named:
-            out.add(name, value)
+        if low in drop or low in named:
+            continue
+        if forwarding and (low in FORWARDING or low.startswith("x-forwarded-")):
+            continue
+        out.add(name, value)
     return out
 
 
@@ -79,15 +89,6 @@ ABSENT_MEANS = (
     ("Accept-Encoding", "identity"),
     ("User-Agent", "modelarts-gateway"),
 )
-
-
-# What a hop says about the client: any client could claim to be one (listen.trust_forwarded).
-FORWARDING = frozenset(("forwarded", "via", "x-real-ip"))
-
-
-def _is_forwarding(name: str) -> bool:
-    low = name.lower()
-    return low in FORWARDING or low.startswith("x-forwarded-")
 
 
 def holds_key(value: str, keys: frozenset[bytes]) -> bool:
@@ -107,12 +108,10 @@ def upstream_request_headers(
     """The client's headers minus credentials, hop-by-hop and framing headers; minus
     forwarding headers unless trusted; minus any header holding one of ``keys`` (the digests
     of ``listen.api_keys``), whatever its name."""
-    out = _without(client, DROP_REQUEST)
-    if not trust_forwarded or keys:
+    out = _without(client, DROP_REQUEST, forwarding=not trust_forwarded)
+    if keys:
         for name in list(out.keys()):
-            if (not trust_forwarded and _is_forwarding(name)) or (
-                keys and any(holds_key(v, keys) for v in out.getall(name))
-            ):
+            if any(holds_key(v, keys) for v in out.getall(name)):
                 out.popall(name, None)
     for name, value in ABSENT_MEANS:
         if name not in out:

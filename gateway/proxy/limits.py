@@ -79,6 +79,16 @@ async def read_body(
         held.take(length)
     if wants_continue(request):
         await request.writer.write(CONTINUE)
+    content = request.content
+    if content.is_eof():
+        # the whole body came with the headers (most JSON calls): take it, no timer to set
+        body = content.read_nowait()
+        if length is None:
+            if held is not None:
+                held.take(len(body))
+            if len(body) > max_body:
+                raise too_large(None, max_body)
+        return body
     try:
         async with asyncio.timeout(within or None):
             return await _read(request, max_body, held if length is None else None)

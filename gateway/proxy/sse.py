@@ -230,7 +230,10 @@ class Relay:
             size = len(chunk)
             stats.bytes += size
             self.bytes += size
-            self._prev, self._tail = self._tail, chunk
+            if size >= 4:
+                self._prev, self._tail = self._tail, chunk
+            else:  # a tiny chunk: kept with the end of the last, so 4 adjacent bytes are known
+                self._tail = self._tail[-4:] + chunk
             try:
                 sink.write(chunk)
             except OSError:

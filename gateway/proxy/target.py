@@ -68,6 +68,32 @@ def parse_target(raw: str) -> Target:
     return Target(path=path, raw_path=quote(path, safe=_PCHAR_SAFE), query=query)
 
 
+# How many distinct query-less targets (and upstream URLs) a proxy remembers. A deployment
+# sees a handful (/v1/chat/completions, /v1/models, ...); a client sending endless distinct
+# paths only ever costs what parsing costs, since the memo starts over when full.
+REMEMBERED = 256
+
+
+class Targets:
+    """:func:`parse_target`, remembered for targets without a query (a query can carry a
+    client's key: never kept). Invalid targets raise every time and are never remembered."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[str, Target] = {}
+
+    def __call__(self, raw: str) -> Target:
+        target = self._seen.get(raw)
+        if target is None:
+            target = parse_target(raw)
+            if not target.query and "?" not in raw:
+                if len(self._seen) >= REMEMBERED:
+                    self._seen.clear()
+                self._seen[raw] = target
+        return target
+
+
 def _is_dots(segment: str) -> bool:
     """``.`` or ``..``, maybe with a ``;param``. Decoding a second time can add nothing: after
     one decode no ``%`` is left, since ``%25`` and stray ``%`` are refused."""
@@ -90,7 +116,7 @@ def without_keys(query: str, keys: frozenset[bytes]) -> str:
 class UpstreamBase:
     """A route's upstream as parsed parts, to build each request's URL from."""
 
-    __slots__ = ("authority", "host", "path", "port", "scheme")
+    __slots__ = ("_urls", "authority", "host", "path", "port", "scheme")
 
     def __init__(self, upstream: URL) -> None:
         self.scheme = upstream.scheme
@@ -98,9 +124,21 @@ class UpstreamBase:
         self.host = upstream.raw_host
         self.port = upstream.explicit_port
         self.path = upstream.raw_path.rstrip("/")
+        self._urls: dict[str, URL] = {}  # by checked path, for targets without a query
 
     def url(self, target: Target) -> URL:
         """The route's scheme, host and port, its path, then the request's checked path."""
+        if target.query:
+            return self._build(target)
+        url = self._urls.get(target.raw_path)
+        if url is None:
+            url = self._build(target)
+            if len(self._urls) >= REMEMBERED:
+                self._urls.clear()
+            self._urls[target.raw_path] = url
+        return url
+
+    def _build(self, target: Target) -> URL:
         url = URL.build(
             scheme=self.scheme,
             authority=self.authority,

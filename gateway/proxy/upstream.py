@@ -29,6 +29,7 @@ from gateway.http1 import (
     UpstreamClient,
     UpstreamResponse,
 )
+from gateway.proxy.deadline import Deadline
 from gateway.proxy.response import MAX_SMALL_BODY
 
 log = logging.getLogger("gateway.upstream")
@@ -102,7 +103,7 @@ async def _attempt(
     if wait <= 0:
         raise UpstreamTimeout("the request used up its total time", code="upstream_total_timeout")
     try:
-        async with asyncio.timeout(wait):
+        async with Deadline(client.loop, wait):  # asyncio.timeout(wait), fewer system calls
             return await client.request(
                 outgoing.method,
                 outgoing.url,

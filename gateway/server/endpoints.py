@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from aiohttp import web
@@ -24,8 +25,9 @@ def _tagged(request: web.Request, response: web.Response) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: 200 for as long as the process serves requests."""
-    return _tagged(request, web.json_response({"status": "ok"}))
+    """Liveness: 200 for as long as the process serves requests; ``pid`` tells which process
+    answered when several share the port (``listen.reuse_port``)."""
+    return _tagged(request, web.json_response({"status": "ok", "pid": os.getpid()}))
 
 
 async def readyz(request: web.Request) -> web.Response:

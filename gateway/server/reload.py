@@ -40,6 +40,8 @@ RESTART_KEYS = (
     "listen.header_timeout",
     "listen.keepalive_timeout",
     "listen.max_connections",
+    "listen.reuse_port",
+    "listen.metrics_port",
     "limits_store",  # the store's counts and connection live as long as the process
 )
 

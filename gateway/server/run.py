@@ -16,8 +16,10 @@ from aiohttp import web
 from gateway.config.model import Settings
 from gateway.config.risks import start_up_risks
 from gateway.server.app import FINAL_WRITE_GRACE, build_app, make_runner
+from gateway.server.metrics_site import start_metrics_site
 from gateway.server.reload import ConfigSource
 from gateway.server.state import GATEWAY
+from gateway.server.supervisor import watch_parent
 from gateway.server.systemd import notify
 
 log = logging.getLogger("gateway")
@@ -55,10 +57,15 @@ async def serve(
     source: ConfigSource | None = None,
     notify_socket: str | None = None,
     started: Callable[[list[str]], None] | None = None,
+    worker: int = 0,
+    parent_fd: int | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, drain, and return (the CLI then exits 0).
 
-    With ``source`` (the config file), SIGHUP reloads it.
+    With ``source`` (the config file), SIGHUP reloads it. ``worker`` is this process's index
+    among several sharing the port (``--workers``, the systemd template unit): its metrics port
+    is ``listen.metrics_port + worker``. Under a ``--workers`` supervisor, ``parent_fd`` is the
+    pipe whose EOF means the supervisor is gone: treated as a first SIGTERM.
     """
     for risk in start_up_risks(settings):
         log.warning("%s", risk)
@@ -81,12 +88,21 @@ async def serve(
     if gateway.reloader is not None:
         loop.add_signal_handler(signal.SIGHUP, gateway.reloader.request)
         handled.append(signal.SIGHUP)
+    if parent_fd is not None:
+        watch_parent(parent_fd, on_signal)
+    side: web.AppRunner | None = None
     try:
         try:
+            listen = settings.listen
             site = web.TCPSite(
-                runner, settings.listen.host, settings.listen.port, backlog=settings.listen.backlog
+                runner,
+                listen.host,
+                listen.port,
+                backlog=listen.backlog,
+                reuse_port=listen.reuse_port or None,
             )
             await site.start()
+            side = await start_metrics_site(app, worker)
         except BaseException:
             await runner.cleanup()
             raise
@@ -102,6 +118,8 @@ async def serve(
         # the grace of the config serving now: a reload may have changed it
         await drain(runner, gateway.settings.listen.shutdown_grace, hurry)
     finally:
+        if side is not None:
+            await side.cleanup()
         for sig in handled:
             loop.remove_signal_handler(sig)
 

@@ -78,6 +78,11 @@ class Runtimes:
         for credential in fresh:
             self._open[id(credential)] = credential
         old = self.proxy.swap(Runtime(settings, credentials, previous=current))
+        # the upstream pools follow: a route gone or moved drops its idle connections, and a
+        # changed pool_idle applies to connections already open
+        self.proxy.client.follow(
+            {r.name: (r.upstream, r.timeouts.pool_idle) for r in settings.routes}
+        )
         kept = tuple(n for n, c in credentials.items() if previous.get(n, (None, None))[1] is c)
         dropped = tuple(n for n, c in old.credentials.items() if credentials.get(n) is not c)
         if old.users:
