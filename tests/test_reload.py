@@ -891,3 +891,24 @@ async def test_a_reload_that_moves_an_alias_keeps_the_keys_token_count_and_its_p
             )
             == 2
         )
+
+
+async def test_a_key_removed_and_added_back_under_its_name_finds_its_count(
+    cloud: FakeCloud, live: LiveFactory
+) -> None:
+    # counts are per key name: rotating a key's secret (remove, add back) is no quota reset
+    config = team_config(cloud, cloud.service_url)
+    config["listen"]["api_keys"][0]["requests_per_minute"] = 2  # alice
+    gw = await live(config)
+    async with aiohttp.ClientSession() as http:
+        assert [await call(http, gw.url, ALICE) for _ in range(2)] == [200, 200]
+        removed = json.loads(json.dumps(config))
+        del removed["listen"]["api_keys"][0]
+        assert await gw.reload(removed)
+        assert await call(http, gw.url, ALICE) == 401
+        rotated = json.loads(json.dumps(config))
+        rotated["listen"]["api_keys"][0]["key"] = BOB  # a new secret for the name alice
+        assert await gw.reload(rotated)
+        assert await call(http, gw.url, ALICE) == 401, "the old secret is gone"
+        assert await call(http, gw.url, BOB) == 429, "alice's two requests still count"
+        assert await call(http, gw.url, CAROL) == 200
