@@ -173,10 +173,12 @@ def responses_completed(text_words: int) -> bytes:
         "id": "resp_1",
         "object": "response",
         "status": "completed",
-        "tools": [{"type": "function", "parameters": {"properties": {"usage": {}}}}],
         "output": [
             {"type": "message", "content": [{"type": "output_text", "text": "w " * text_words}]}
         ],
+        # vLLM's order: the echoed tools (a client's schema may name a property "usage") come
+        # after the output, just before the usage
+        "tools": [{"type": "function", "parameters": {"properties": {"usage": {"x": 1}}}}],
         "usage": {"input_tokens": 11, "output_tokens": text_words, "total_tokens": 11 + text_words},
         "user": None,
         "metadata": {},
@@ -202,6 +204,13 @@ def test_a_long_final_event_in_pieces_is_counted_and_passes_untouched(hide: bool
         out, usage, held = run([created, last[:cut], last[cut:]], hide)
         assert (usage.prompt, usage.completion) == (11, 6000), cut
         assert out == created + last and held == b""
+    # the blank line at its end split "\n" | "\n": counted, and the lone "\n" ends it cleanly
+    out, usage, held = run([created, last[:-1], last[-1:]], hide)
+    assert (usage.prompt, usage.completion) == (11, 6000)
+    tap_end = UsageTap(Usage(hide_event=hide))
+    tap_end.pending = held
+    rest = tap_end.finish(out)  # counting: sent already; hiding: the held "\n" goes out
+    assert rest is not None and out + rest == created + last
     # in three pieces too
     out, usage, _ = run([created, last[:5000], last[5000:at], last[at:]], hide)
     assert (usage.prompt, usage.completion) == (11, 6000) and out == created + last

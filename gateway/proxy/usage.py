@@ -270,7 +270,7 @@ class UsageTap:
         hidden = self._scan(data, lo, cut) if hit else []
         unfinished = size - cut
         if unfinished > HOLD and data.find(USAGE_KEY, max(lo, cut)) >= 0:
-            self._scan(data, max(lo, cut), size, count_only=True)  # goes out: now or never
+            self._scan(data, max(lo, cut), size)  # counted only: it goes out, now or never
         if 0 < unfinished <= HOLD:
             self.pending = data[cut:]
             size = cut  # what goes out ends here
@@ -283,9 +283,7 @@ class UsageTap:
         keep.append(data[done:size])
         return b"".join(keep)
 
-    def _scan(
-        self, data: bytes, lo: int, hi: int, *, count_only: bool = False
-    ) -> list[tuple[int, int]]:
+    def _scan(self, data: bytes, lo: int, hi: int) -> list[tuple[int, int]]:
         """Take the usage of each whole event in ``data[:hi]`` with a ``usage`` object from
         ``lo`` on; returns the spans of the usage-only events, when hiding."""
         hidden: list[tuple[int, int]] = []
@@ -303,12 +301,7 @@ class UsageTap:
                 # usage-only one, so nothing is hidden
                 self.usage.take(_object_at(data, match.end() - 1, done))
                 done = match.end()
-            elif (
-                self.usage.take(_usage_of(event))
-                and self._hide
-                and not count_only
-                and _usage_only(event)
-            ):
+            elif self.usage.take(_usage_of(event)) and self._hide and _usage_only(event):
                 hidden.append((start, done))
         return hidden
 
