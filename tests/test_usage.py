@@ -435,6 +435,27 @@ async def test_include_usage_leaves_every_other_body_untouched(
     assert upstream.bodies[-1] == body
 
 
+@pytest.mark.parametrize("path", ["/raw/v1/responses", "/raw/v1/sse", "/raw/v1/embeddings"])
+async def test_include_usage_edits_only_the_completions_endpoints(
+    path: str,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # stream_options belongs to /chat/completions and /completions: any other path on the
+    # route gets the client's body unchanged and its stream whole (nothing hidden)
+    upstream, url = scripted
+    upstream.chunks = [*EVENTS, USAGE_EVENT, DONE]
+    gw = await make_gateway(config(url, include_usage=True))
+    status, got = await post(http, gw, path, CLIENT_BODY)
+    assert status == 200
+    assert upstream.bodies[-1] == CLIENT_BODY
+    assert got == b"".join(upstream.chunks)
+    status, got = await post(http, gw, "/raw/v1/completions", CLIENT_BODY)
+    assert status == 200 and upstream.bodies[-1] == CLIENT_BODY[:-1] + ASKED + b"}"
+    assert got == b"".join(EVENTS) + DONE
+
+
 async def test_a_stream_cut_inside_the_held_usage_event_is_not_a_clean_end(
     scripted: tuple[ScriptedUpstream, str],
     make_gateway: GatewayFactory,
