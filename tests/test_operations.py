@@ -513,6 +513,34 @@ async def test_stream_open_after_shutdown_grace_ends_with_a_shutdown_error_event
     assert "Traceback" not in gw.log()
 
 
+async def test_a_second_signal_skips_the_rest_of_the_grace(cloud: FakeCloud, spawn: Spawn) -> None:
+    config = base_config(cloud)
+    config["listen"]["shutdown_grace"] = "30s"  # far longer than the test may wait
+    gw = await spawn(config)
+    cloud.modelarts.script.events = 400
+    cloud.modelarts.script.interval = 0.05  # 20 s of stream
+    async with aiohttp.ClientSession() as http:
+        await wait_ready(http, gw.url)
+        async with http.post(gw.url + "/v1/chat/completions", json=chat_body()) as resp:
+            assert resp.status == 200
+            first = await resp.content.readany()
+            gw.send(signal.SIGTERM)
+            await refused(gw.url)  # the first signal is being handled: draining
+            more = await resp.content.readany()
+            assert more and b"event: error" not in more, "the stream runs on in the grace"
+            signalled = time.monotonic()
+            gw.send(signal.SIGTERM)
+            rest = await asyncio.wait_for(resp.content.read(), WAIT)
+            cut = time.monotonic() - signalled
+        code = await gw.exit_code()
+    name, data = last_event(first + more + rest)
+    assert name == "error" and isinstance(data, dict)
+    assert data["error"]["code"] == "shutdown"
+    assert cut < 5.0, f"the second signal cut the stream only after {cut:.2f} s"
+    assert code == 0
+    assert "Traceback" not in gw.log()
+
+
 async def test_systemd_notify_ready_after_listening_and_stopping_on_sigterm(
     cloud: FakeCloud, spawn: Spawn, tmp_path: Path
 ) -> None:

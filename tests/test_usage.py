@@ -352,6 +352,7 @@ async def test_include_usage_adds_stream_options_and_hides_exactly_the_usage_eve
     ("options", "sent"),
     [
         (b'{"include_usage": false}', b'{"include_usage": true}'),
+        (b'{"include_usage": null}', b'{"include_usage": true}'),
         (b"null", b'{"include_usage":true}'),
         (
             b'{ "continuous_usage_stats": false }',
