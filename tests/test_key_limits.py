@@ -13,6 +13,7 @@ import calendar
 import copy
 import logging
 import os
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,9 +40,12 @@ from conftest import (
 from redis_server import RedisServer
 
 from gateway.config.load import ConfigError, parse_settings
-from gateway.config.model import KeyLimits
+from gateway.config.model import ApiKey, KeyLimits, LimitsStore, Secret
 from gateway.limits import Refusal
 from gateway.limits.memory import MemoryStore
+from gateway.limits.redis_store import RedisStore
+from gateway.metrics import Metrics
+from gateway.proxy.quota import RETRY_DOWN, KeyLimiter
 from gateway.testing import FakeCloud
 
 ALICE_KEY = "sk-alice-limits-7c1e9b20d4"
@@ -448,6 +452,46 @@ async def test_two_gateway_processes_on_one_redis_admit_exactly_the_limit(
             await stop_process(proc)
 
 
+async def test_a_reload_of_one_replica_changes_its_limit_and_the_shared_count_stays(
+    cloud: FakeCloud,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    config = base_config(cloud)
+    team({"requests_per_minute": 4}, {"type": "redis", "url": redis_server.url})(config)
+    procs = []
+    try:
+        urls, logs = [], []
+        for n in range(2):
+            proc, url, log_path = await spawn_gateway(config, tmp_path, n)
+            procs.append(proc)
+            urls.append(url)
+            logs.append(log_path)
+        assert [(await post(http, urls[i % 2], ALICE_KEY))[0] for i in range(4)] == [200] * 4
+        assert (await post(http, urls[1], ALICE_KEY))[0] == 429
+        # replica 1 reloads with a higher limit: the four already made still count there
+        path = tmp_path / "gateway1.yaml"
+        raised = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raised["listen"]["api_keys"][0]["requests_per_minute"] = 6
+        path.write_text(yaml.safe_dump(raised), encoding="utf-8")
+        procs[1].send_signal(signal.SIGHUP)
+        await until(
+            lambda: "config reloaded (SIGHUP)" in logs[1].read_text(encoding="utf-8"),
+            "replica 1 reloaded",
+        )
+        assert [(await post(http, urls[1], ALICE_KEY))[0] for _ in range(3)] == [200, 200, 429]
+        # replica 0 keeps its limit of 4 against the six now counted, and says when it admits
+        status, data, resp = await post(http, urls[0], ALICE_KEY)
+        assert status == 429
+        assert_refusal(data, "rate_limit_exceeded", "requests")
+        assert 57 <= retry_after(resp) <= 60
+        assert len(cloud.modelarts.requests) == 6
+    finally:
+        for proc in procs:
+            await stop_process(proc)
+
+
 # --- Redis going away mid-run ---------------------------------------------------------------------
 
 
@@ -597,6 +641,40 @@ async def test_redis_that_accepts_but_never_answers_delays_no_request_beyond_its
         assert max(took[1:]) < 0.15, took
         assert gw.metric("gateway_limits_store_errors_total", operation="admit") == 1
     finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_after_a_failure_one_record_probes_a_silent_redis_the_others_do_not_wait() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = LimitsStore(type="redis", url=Secret(f"redis://127.0.0.1:{port}/0"), timeout=0.1)
+    metrics = Metrics()
+    limiter = KeyLimiter(RedisStore(config), config, metrics)
+    key = ApiKey("alice", b"\0" * 32, limits=KeyLimits(tokens_per_minute=100))
+    try:
+        await limiter.admit(key, None)  # times out: the store is down, allow lets it go
+        await asyncio.sleep(RETRY_DOWN)  # the gateway's own retry timer: no event to await
+        # five requests end at once, past the retry second: one tries Redis, four go on
+        start = time.monotonic()
+        finished: list[float] = []
+
+        async def ends() -> None:
+            await limiter.record_tokens(key, 5)
+            finished.append(time.monotonic() - start)
+
+        await asyncio.gather(*(ends() for _ in range(5)))
+        failed = metrics.registry.get_sample_value(
+            "gateway_limits_store_errors_total", {"operation": "record"}
+        )
+        assert failed == 1, "only the probe waited on the silent store"
+        assert sorted(finished)[3] < 0.1, finished
+    finally:
+        await limiter.store.close()
         server.close()
         await server.wait_closed()
 

@@ -850,3 +850,65 @@ async def test_key_request_counts_survive_a_reload_the_new_limit_applies_a_new_s
         line = await gw.records.wait("limits_store changed")
         assert "needs a restart" in line and "pw-not-logged" not in line
         assert await call(http, gw.url, ALICE) == 429, "still counted in memory, as before"
+
+
+async def test_a_reload_that_moves_an_alias_keeps_the_keys_token_count_and_its_public_label(
+    cloud: FakeCloud, live: LiveFactory
+) -> None:
+    # the seam of reload, aliases and token limits: alice may use "pub" only, 12 tokens a
+    # minute, 6 per request (1 prompt word, 5 events); a reload points "pub" elsewhere
+    cloud.modelarts.script.events = 5
+    config = team_config(cloud, cloud.service_url)
+    config["routes"][0]["models"] = [{"name": "pub", "upstream": "m-one"}]
+    config["listen"]["api_keys"][0].update({"tokens_per_minute": 12, "models": ["pub"]})
+    gw = await live(config)
+    body = {"model": "pub", "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def ask() -> int:
+        url = gw.url + "/v1/chat/completions"
+        async with http.post(url, json=body, headers=bearer(ALICE)) as resp:
+            await resp.read()
+            return resp.status
+
+    async with aiohttp.ClientSession() as http:
+        assert [await ask(), await ask()] == [200, 200]
+        moved = json.loads(json.dumps(config))
+        moved["routes"][0]["models"] = [{"name": "pub", "upstream": "m-two"}]
+        assert await gw.reload(moved)
+        assert await ask() == 429, "the 12 tokens from before the reload still count"
+        raised = json.loads(json.dumps(moved))
+        raised["listen"]["api_keys"][0]["tokens_per_minute"] = 13
+        assert await gw.reload(raised)
+        assert [await ask(), await ask()] == [200, 429]
+        sent = [json.loads(r.body)["model"] for r in cloud.modelarts.requests]
+        assert sent == ["m-one", "m-one", "m-two"]
+        # the exposition sorts the labels: key, kind, model, route
+        labels = {"key": "alice", "kind": "completion", "model": "pub", "route": "chat"}
+        assert await metric(http, gw.url, "gateway_tokens_total", **labels) == 15
+        assert (
+            await metric(
+                http, gw.url, "gateway_rate_limited_total", key="alice", limit="tokens_per_minute"
+            )
+            == 2
+        )
+
+
+async def test_a_key_removed_and_added_back_under_its_name_finds_its_count(
+    cloud: FakeCloud, live: LiveFactory
+) -> None:
+    # counts are per key name: rotating a key's secret (remove, add back) is no quota reset
+    config = team_config(cloud, cloud.service_url)
+    config["listen"]["api_keys"][0]["requests_per_minute"] = 2  # alice
+    gw = await live(config)
+    async with aiohttp.ClientSession() as http:
+        assert [await call(http, gw.url, ALICE) for _ in range(2)] == [200, 200]
+        removed = json.loads(json.dumps(config))
+        del removed["listen"]["api_keys"][0]
+        assert await gw.reload(removed)
+        assert await call(http, gw.url, ALICE) == 401
+        rotated = json.loads(json.dumps(config))
+        rotated["listen"]["api_keys"][0]["key"] = BOB  # a new secret for the name alice
+        assert await gw.reload(rotated)
+        assert await call(http, gw.url, ALICE) == 401, "the old secret is gone"
+        assert await call(http, gw.url, BOB) == 429, "alice's two requests still count"
+        assert await call(http, gw.url, CAROL) == 200

@@ -170,6 +170,33 @@ async def test_without_keys_or_models_the_labels_are_dashes_never_the_clients_mo
     assert "anything-a-client-likes" not in exposed
 
 
+async def test_a_model_the_route_does_not_list_is_labelled_dash_on_a_catch_all_route(
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # /raw has a route for model "m" and a catch-all route without models: any other name a
+    # client sends goes to the catch-all, and its label is "-", never the client's string
+    upstream, url = scripted
+    upstream.content_type = "application/json"
+    upstream.chunks = [json.dumps({"usage": USAGE}).encode()]
+
+    def edit(cfg: dict[str, Any]) -> None:
+        config(url, models=["m"])(cfg)
+        anything = {**cfg["routes"][-1], "name": "anything"}
+        del anything["models"]
+        cfg["routes"].append(anything)
+
+    gw = await make_gateway(edit)
+    for model in ("m", "made-up-by-a-client-7f3a"):
+        status, _ = await post(http, gw, RAW, json.dumps({"model": model}).encode())
+        assert status == 200
+    assert tokens(gw, "raw", "alice", "m") == (17.0, 5.0)
+    assert tokens(gw, "anything", "alice", "-") == (17.0, 5.0)
+    exposed = (await (await http.get(gw.url + "/metrics")).read()).decode()
+    assert "made-up-by-a-client-7f3a" not in exposed
+
+
 async def test_a_large_json_answer_is_relayed_and_its_usage_still_counted(
     scripted: tuple[ScriptedUpstream, str],
     make_gateway: GatewayFactory,
@@ -364,6 +391,26 @@ async def test_a_client_that_asked_for_usage_gets_the_stream_and_its_body_untouc
     assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
 
 
+@pytest.mark.parametrize("value", [b"1", b'"true"', b"{}"])
+async def test_a_non_boolean_include_usage_is_left_to_the_upstream_and_nothing_is_hidden(
+    value: bytes,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # a lenient upstream (vLLM's pydantic reads 1 or "true" as true) sends usage the client
+    # expects: the gateway neither rewrites the value nor cuts the event, and still counts it
+    upstream, url = scripted
+    upstream.chunks = [*EVENTS, USAGE_EVENT, DONE]
+    gw = await make_gateway(config(url, include_usage=True))
+    body = b'{"model":"m","stream":true,"stream_options":{"include_usage":%b}}' % value
+    status, got = await post(http, gw, RAW, body)
+    assert status == 200
+    assert upstream.bodies[-1] == body
+    assert got == b"".join(upstream.chunks)
+    assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -386,6 +433,27 @@ async def test_include_usage_leaves_every_other_body_untouched(
     status, _ = await post(http, gw, RAW, body)
     assert status == 200
     assert upstream.bodies[-1] == body
+
+
+@pytest.mark.parametrize("path", ["/raw/v1/responses", "/raw/v1/sse", "/raw/v1/embeddings"])
+async def test_include_usage_edits_only_the_completions_endpoints(
+    path: str,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # stream_options belongs to /chat/completions and /completions: any other path on the
+    # route gets the client's body unchanged and its stream whole (nothing hidden)
+    upstream, url = scripted
+    upstream.chunks = [*EVENTS, USAGE_EVENT, DONE]
+    gw = await make_gateway(config(url, include_usage=True))
+    status, got = await post(http, gw, path, CLIENT_BODY)
+    assert status == 200
+    assert upstream.bodies[-1] == CLIENT_BODY
+    assert got == b"".join(upstream.chunks)
+    status, got = await post(http, gw, "/raw/v1/completions", CLIENT_BODY)
+    assert status == 200 and upstream.bodies[-1] == CLIENT_BODY[:-1] + ASKED + b"}"
+    assert got == b"".join(EVENTS) + DONE
 
 
 async def test_a_stream_cut_inside_the_held_usage_event_is_not_a_clean_end(
@@ -469,3 +537,99 @@ async def test_a_long_usage_event_is_found_by_the_relay_and_hidden(
     status, got = await post(http, gw, RAW, CLIENT_BODY)
     assert status == 200 and got == b"".join(EVENTS) + DONE
     assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
+
+
+@pytest.mark.parametrize("hide", [True, False], ids=["route_asks", "client_asks"])
+async def test_usage_far_from_the_end_of_its_chunk_is_found_by_the_relay(
+    hide: bool,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # OpenAI's usage chunk: usage with its details, then fields after it ("obfuscation"
+    # padding), and [DONE] in the same write: "usage" is some 700 bytes before the chunk's end
+    upstream, url = scripted
+    details = {
+        **USAGE,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+    last = sse(
+        {"id": "c1", "choices": [], "usage": details, "obfuscation": "q" * 400, "x": "y" * 100}
+    )
+    assert 600 < len(last) + len(DONE) - last.index(b'"usage"') < 1000
+    upstream.chunks = [*EVENTS, last + DONE]
+    gw = await make_gateway(config(url, include_usage=True))
+    body = CLIENT_BODY if hide else b'{"stream":true,"stream_options":{"include_usage":true}}'
+    status, got = await post(http, gw, RAW, body)
+    assert status == 200
+    assert got == b"".join(EVENTS) + (b"" if hide else last) + DONE
+    assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
+
+
+@pytest.mark.parametrize("count", ["1" + "0" * 400, str(2**63)])
+async def test_an_absurd_usage_count_is_unknown_and_the_answer_still_reaches_the_client(
+    count: str,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    captured_logs: pytest.LogCaptureFixture,
+) -> None:
+    # 10**400 made the metric raise OverflowError after the answer was built (a 500 instead of
+    # the answer, no access-log line); 2**63 would fail Redis's HINCRBY and trip on_error
+    upstream, url = scripted
+    upstream.content_type = "application/json"
+    answer = b'{"usage":{"prompt_tokens":%b,"completion_tokens":5}}' % count.encode()
+    upstream.chunks = [answer]
+    gw = await make_gateway(config(url))
+    status, got = await post(http, gw, RAW, b"{}")
+    assert status == 200 and got == answer
+    assert tokens(gw, "raw", "alice", "-") == (0.0, 5.0)
+    line = access_lines(captured_logs)[-1]
+    assert line["prompt_tokens"] == "-" and line["completion_tokens"] == 5
+
+
+async def test_a_responses_api_stream_whose_last_event_comes_in_pieces_is_counted(
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    # response.completed carries the whole output (here 20 kB), so it arrives in several reads
+    upstream, url = scripted
+    created = b'event: response.created\ndata: {"type":"response.created"}\n\n'
+    response = {
+        "id": "resp_1",
+        "output": [{"type": "message", "content": [{"type": "output_text", "text": "w " * 10000}]}],
+        "usage": {"input_tokens": 17, "output_tokens": 5, "total_tokens": 22},
+    }
+    data = json.dumps({"type": "response.completed", "response": response}).encode()
+    last = b"event: response.completed\ndata: " + data + b"\n\n"
+    upstream.chunks = [created, last[:8000], last[8000:16000], last[16000:]]
+    gw = await make_gateway(config(url, include_usage=True))
+    status, got = await post(http, gw, RAW, b'{"model":"m","stream":true,"input":"hi"}')
+    assert status == 200 and got == created + last
+    assert tokens(gw, "raw", "alice", "-") == (17.0, 5.0)
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_a_long_last_event_whose_final_line_end_comes_alone_is_a_clean_end(
+    include_usage: bool,
+    scripted: tuple[ScriptedUpstream, str],
+    make_gateway: GatewayFactory,
+    http: aiohttp.ClientSession,
+    captured_logs: pytest.LogCaptureFixture,
+) -> None:
+    # the blank line that ends a long event (longer than the watcher keeps) split "\n" | "\n":
+    # the second "\n" alone ends the stream cleanly; it was taken for an unfinished event
+    upstream, url = scripted
+    long_event = sse({"id": "c1", "choices": [{"delta": {"content": "x" * 6000}}]})
+    upstream.chunks = [*EVENTS, long_event[:-1], long_event[-1:]]
+    gw = await make_gateway(config(url, include_usage=include_usage))
+    status, got = await post(http, gw, RAW, CLIENT_BODY)
+    assert status == 200 and got == b"".join(EVENTS) + long_event
+    assert access_lines(captured_logs)[-1]["end"] == "done"

@@ -62,8 +62,11 @@ class MemoryStore:
             admitted = c.admitted
             while admitted and admitted[0] <= now - WINDOW:
                 admitted.popleft()
-            if len(admitted) >= limits.requests_per_minute:
-                return Refusal("requests_per_minute", whole_seconds(admitted[0] + WINDOW - now))
+            over = len(admitted) - limits.requests_per_minute
+            if over >= 0:
+                # admitted again when all but limit - 1 have left the window: the oldest, unless
+                # a reload lowered the limit below the count (then the over-th oldest)
+                return Refusal("requests_per_minute", whole_seconds(admitted[over] + WINDOW - now))
             admitted.append(now)
         return None
 

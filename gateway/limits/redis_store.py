@@ -65,8 +65,10 @@ if tpm > 0 then
 end
 if rpm > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60)
-  if redis.call('ZCARD', KEYS[1]) >= rpm then
-    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local over = redis.call('ZCARD', KEYS[1]) - rpm
+  if over >= 0 then
+    -- the over-th oldest: the oldest, unless the limit was lowered below the count
+    local oldest = redis.call('ZRANGE', KEYS[1], over, over, 'WITHSCORES')
     return {1, wait(tonumber(oldest[2]) + 60 - now)}
   end
   redis.call('ZADD', KEYS[1], now, ARGV[4])

@@ -175,12 +175,15 @@ def _usage_request(
     if not isinstance(options, dict):
         return False, None  # not ours to repair: the upstream answers it
     inner, _ = _members(text, s)
-    values = [(vs, ve) for k, _, vs, ve in inner if k == "include_usage"]
-    if len(values) == 1:
-        vs, ve = values[0]
+    values = [(v, vs, ve) for k, v, vs, ve in inner if k == "include_usage"]
+    if len(values) == 1 and (values[0][0] is False or values[0][0] is None):
+        _, vs, ve = values[0]
         return False, (to_bytes(vs), to_bytes(ve), b"true")
     if values:
-        return False, None  # repeated inside: parsers disagree which counts; leave it
+        # repeated inside (parsers disagree which counts), or not a boolean: a lenient upstream
+        # (pydantic reads 1 or "true" as true) may well send usage the client then expects, so
+        # it is left as sent and no event is hidden
+        return False, None
     at = to_bytes(s) + 1  # just after its "{"
     return False, (at, at, b'"include_usage":true' + (b"," if inner else b""))
 

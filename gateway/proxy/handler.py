@@ -217,9 +217,9 @@ class Proxy:
             route = group.routes[0]
             ex.route = route.name
             body = await self._body(request, route.max_body, ex, held, rt)
-            if not route.include_usage:
+            if not _asks_usage(route, request.path):
                 return route, body
-            return route, _edited(route, body, await sniff(body), None, ex)
+            return route, _edited(route, body, await sniff(body), None, ex, True)
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
         body = await self._body(request, max(r.max_body for r in group.routes), ex, held, rt)
@@ -239,7 +239,7 @@ class Proxy:
         ex.route = route.name
         if len(body) > route.max_body:
             raise too_large(len(body), route.max_body)
-        return route, _edited(route, body, info, model, ex)
+        return route, _edited(route, body, info, model, ex, _asks_usage(route, request.path))
 
     async def _body(
         self, request: web.Request, max_body: int, ex: Exchange, held: Held, rt: Runtime
@@ -302,16 +302,31 @@ class Proxy:
         return response
 
 
-def _edited(route: Route, body: bytes, info: BodyInfo, model: str | None, ex: Exchange) -> bytes:
+def _asks_usage(route: Route, path: str) -> bool:
+    """``include_usage`` edits only the OpenAI endpoints that define ``stream_options``
+    (``/chat/completions``, ``/completions``): ``/v1/responses`` always reports its usage, and a
+    strict server or a custom ``/v1/sse`` image could refuse a member it does not know."""
+    return route.include_usage and path.endswith("/completions")
+
+
+def _edited(
+    route: Route,
+    body: bytes,
+    info: BodyInfo,
+    model: str | None,
+    ex: Exchange,
+    ask_usage: bool,
+) -> bytes:
     """``body`` as it goes up ``route``: the alias's upstream name for ``model``, usage asked
-    for; ``ex`` learns the model's label and whether the answer's usage event is ours."""
+    for (``ask_usage``); ``ex`` learns the model's label and whether the answer's usage event
+    is ours."""
     if model is not None and model in route.models:
         ex.model = model  # a configured name: the only kind a metric label may carry
     edits = []
     upstream_name = route.upstream_models.get(model) if model is not None else None
     if upstream_name is not None:
         edits.append(model_edit(info, upstream_name))
-    if route.include_usage and info.ask_usage is not None:
+    if ask_usage and info.ask_usage is not None:
         edits.append(info.ask_usage)
         ex.usage.hide_event = True
     return splice(body, edits) if edits else body

@@ -81,12 +81,19 @@ class KeyLimiter:
         """Count a finished request's prompt plus completion tokens against ``key``."""
         if tokens <= 0 or not key.limits.counts_tokens or self._skip():
             return
+        # a record after the retry second is the probe, as an admit would be: the requests
+        # ending meanwhile (a JSON answer goes out only after this) do not all wait on it
+        probing = self._down
+        self._probing = probing
         try:
             await self.store.record(key.name, key.limits, tokens)
         except StoreError as exc:
             self._failed("record", exc)
         else:
             self._recovered()
+        finally:
+            if probing:
+                self._probing = False
 
     async def _store_admit(self, key: ApiKey) -> Refusal | None:
         if self._skip():

@@ -244,7 +244,17 @@ class Relay:
                 self._drainer = self._loop.create_task(self._wait_for_client())
                 return
         if source.at_eof():
-            if self._sse and (not self.at_boundary or (tap is not None and tap.pending)):
+            rest = tap.finish(self._prev[-3:] + self._tail) if tap and tap.pending else b""
+            if rest:
+                try:
+                    sink.write(rest)
+                except OSError:
+                    self._finish("client_gone")
+                    return
+                stats.bytes += len(rest)
+                self.bytes += len(rest)
+                self._prev, self._tail = self._tail, rest
+            if self._sse and (not self.at_boundary or rest is None):
                 # a body that ends inside an event (a close-delimited one cut by a FIN, or one
                 # whose upstream just stopped there) is reported as the cut it is
                 self._sink.abort()

@@ -23,6 +23,7 @@ from typing import Any
 EVENT_ENDS = (b"\n\n", b"\r\r", b"\n\r\n")
 USAGE_KEY = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_DECODER = json.JSONDecoder()
 # Where usage is looked for: the last TAIL bytes of each upstream chunk (the usage event is a
 # few hundred bytes, followed at most by "data: [DONE]").
 TAIL = 1024
@@ -63,10 +64,16 @@ class Usage:
         return True
 
 
+# The largest count taken: an exact float (Prometheus counters are floats) and far inside
+# Redis's 64-bit HINCRBY. A larger one (a broken or hostile upstream) would make the metric
+# raise OverflowError after the answer, or fail the Redis call and trip on_error: it is unknown.
+MAX_COUNT = 2**53
+
+
 def _count(usage: dict[str, Any], *names: str) -> int | None:
     for name in names:
         value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT:
             return value
     return None
 
@@ -98,14 +105,17 @@ def from_tail(tail: bytes, usage: Usage) -> None:
     Completions put ``usage`` last, and a ``"usage": {`` outside a string is a key; only that
     object is parsed."""
     starts = [m.end() - 1 for m in _USAGE_OBJECT.finditer(tail)]
-    if not starts:
-        return
-    text = tail[starts[-1] :].decode("utf-8", "replace")
+    if starts:
+        usage.take(_object_at(tail, starts[-1], len(tail)))
+
+
+def _object_at(data: bytes, start: int, end: int) -> object:
+    """The JSON value at ``data[start]`` (within ``data[:end]``), or None if it is not whole."""
     try:
-        value, _ = json.JSONDecoder().raw_decode(text)
+        value, _ = _DECODER.raw_decode(data[start:end].decode("utf-8", "replace"))
     except (ValueError, RecursionError):
-        return
-    usage.take(value)
+        return None
+    return value
 
 
 def _last_end(data: bytes, before: int, floor: int = 0) -> int:
@@ -195,6 +205,18 @@ class UsageTap:
         self._counting(chunk)
         return chunk
 
+    def finish(self, sent: bytes) -> bytes | None:
+        """At the body's end: what is still to go out after ``sent`` (the last bytes that did),
+        or None when the stream ends inside an event held back.
+
+        Counting, ``pending`` was sent already: whether the stream ended cleanly is the relay's
+        to see. Hiding, what is held goes out when it ends the stream on a boundary (the last
+        line end of an event too long to keep, which came alone)."""
+        pending, self.pending = self.pending, b""
+        if not self._hide or not pending:
+            return b""
+        return pending if (sent[-3:] + pending[-3:]).endswith(EVENT_ENDS) else None
+
     def _counting(self, chunk: bytes) -> None:
         """Count the usage in ``chunk``; remember a short unfinished event, never copying the
         chunk (S4's reads hold a quarter of a megabyte)."""
@@ -221,8 +243,11 @@ class UsageTap:
             else _last_end(chunk, size, max(start, size - HOLD - 1))
         )
         lo = max(start, size - TAIL)
-        if lo < cut and chunk.find(USAGE_KEY, lo, cut) >= 0:
-            self._scan(chunk, lo, cut)
+        # an unfinished event too long to keep is looked at now or never (its usage object
+        # may be whole already: the Responses API's response.completed ends with it)
+        hi = cut if size - cut <= HOLD else size
+        if lo < hi and chunk.find(USAGE_KEY, lo, hi) >= 0:
+            self._scan(chunk, lo, hi)
         if 0 < size - cut <= HOLD:
             self.pending = chunk[cut:]  # the usage event may be this one, not whole yet
 
@@ -244,6 +269,8 @@ class UsageTap:
         hit = lo < cut and data.find(USAGE_KEY, lo, cut) >= 0
         hidden = self._scan(data, lo, cut) if hit else []
         unfinished = size - cut
+        if unfinished > HOLD and data.find(USAGE_KEY, max(lo, cut)) >= 0:
+            self._scan(data, max(lo, cut), size)  # counted only: it goes out, now or never
         if 0 < unfinished <= HOLD:
             self.pending = data[cut:]
             size = cut  # what goes out ends here
@@ -267,7 +294,14 @@ class UsageTap:
             start = _last_end(data, match.start())
             done = _next_end(data, match.end(), hi)
             event = event_data(data[start:done])
-            if self.usage.take(_usage_of(event)) and self._hide and _usage_only(event):
+            if event is None:
+                # not whole here (begun in an earlier chunk, or still unfinished, and longer
+                # than HOLD: the Responses API's response.completed carries the whole output):
+                # each usage object is read alone, the last wins; such an event is never the
+                # usage-only one, so nothing is hidden
+                self.usage.take(_object_at(data, match.end() - 1, done))
+                done = match.end()
+            elif self.usage.take(_usage_of(event)) and self._hide and _usage_only(event):
                 hidden.append((start, done))
         return hidden
 
