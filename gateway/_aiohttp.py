@@ -13,7 +13,9 @@ Tested on aiohttp 3.13.4 and 3.14.5, the two ends of the range ``pyproject.toml`
   ``_request_in_progress`` and ``_messages`` (is a request being handled, or queued: the header
   timer runs only between requests); ``writing_paused`` of its base ``BaseProtocol``, reached as
   ``request.protocol``; ``request.writer.drain()``;
-- ``web_server.Server``: ``_loop`` and ``_kwargs`` (to build our handler as aiohttp builds its);
+- ``web_server.Server``: ``_loop`` and ``_kwargs`` (to build our handler as aiohttp builds its),
+  its ``request_handler`` (``Application._handle``) wrapped to send some requests past the
+  router (:class:`Direct`), and ``Request._match_info`` left unset for those;
   ``web_runner.AppRunner._make_server``, extended, and the server's ``__class__``: aiohttp offers
   no supported way to choose the protocol handler class (``Server`` builds ``RequestHandler``
   by name), so the server aiohttp made is given our subclass, keeping all its state;
@@ -29,7 +31,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -168,6 +170,7 @@ class GatewayRunner(web.AppRunner):
         error_response: Callable[[int], web.Response],
         max_connections: int = 1 << 30,
         on_refused: Callable[[], None] = lambda: None,
+        direct: Direct | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
@@ -175,6 +178,7 @@ class GatewayRunner(web.AppRunner):
         self._error_response = error_response
         self._max_connections = max_connections
         self._on_refused = on_refused
+        self._direct = direct
 
     async def _make_server(self) -> Server:
         server = await super()._make_server()
@@ -185,7 +189,38 @@ class GatewayRunner(web.AppRunner):
         server.max_connections = self._max_connections
         server.on_refused = self._on_refused
         server.open_connections = 0
+        if self._direct is not None:
+            server.request_handler = _dispatch(self._direct, server.request_handler)
         return server
+
+
+class Direct(Protocol):
+    """Requests that only one handler of the application can take, and that handler."""
+
+    def wants(self, request: web.BaseRequest) -> bool: ...
+
+    def handle(self, request: web.Request) -> Awaitable[web.StreamResponse]: ...
+
+
+def _dispatch(
+    direct: Direct, app_handle: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """The server's request handler: ``direct``'s requests straight to its handler, every
+    other one through the application (router, expect handler, middlewares).
+
+    ``Application._handle`` costs ~10k instructions per request before the handler runs
+    (``get_event_loop()``, a getpid() system call on Python 3.11; the router's resolve; the
+    match info; the middleware chain), for an answer known from the method alone. A request
+    handled directly has no match info (``request.app`` is not set): its handler must not need
+    it, nor ``on_response_prepare`` signals (aiohttp skips them without match info).
+    """
+    wants = direct.wants
+    handle: Callable[[Any], Awaitable[web.StreamResponse]] = direct.handle  # a web.Request
+
+    def request_handler(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        return handle(request) if wants(request) else app_handle(request)
+
+    return request_handler
 
 
 class ClientSink:

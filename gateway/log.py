@@ -173,8 +173,7 @@ class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
             }
             entry.update(fields)
             return json.dumps(entry) + "\n"
-        text = self.text(fields)
-        return f"{self.clock(now)},{ms:03d} INFO gateway.access [{rid}] {text}\n"
+        return self.text.line(self.clock(now), ms, rid, fields)
 
 
 class _AccessText:
@@ -185,19 +184,34 @@ class _AccessText:
     __slots__ = ("_made",)
 
     def __init__(self) -> None:
-        self._made: dict[tuple[str, ...], tuple[str, Callable[[dict[str, Any]], Any]]] = {}
+        # per set of fields: the text's template, the whole line's, and the values' taker
+        self._made: dict[tuple[str, ...], tuple[str, str, Callable[[dict[str, Any]], Any]]] = {}
 
-    def __call__(self, fields: dict[str, Any]) -> str:
+    def _templates(
+        self, fields: dict[str, Any]
+    ) -> tuple[str, str, Callable[[dict[str, Any]], Any]]:
         given = tuple(fields)
         made = self._made.get(given)
         if made is None:
             names = [k for k in ACCESS_FIELDS[1:] if k in fields]
             if len(self._made) > 64:  # callers outside the gateway's own: stay bounded
                 self._made.clear()
-            made = self._made[given] = (" ".join(f"{k}=%s" for k in names), _taker(names))
-        template, take = made
-        line: str = template % take(fields)
-        return line
+            text = " ".join(f"{k}=%s" for k in names)
+            line = "%s,%03d INFO gateway.access [%s] " + text + "\n"  # names hold no "%"
+            made = self._made[given] = (text, line, _taker(names))
+        return made
+
+    def __call__(self, fields: dict[str, Any]) -> str:
+        text, _, take = self._templates(fields)
+        out: str = text % take(fields)
+        return out
+
+    def line(self, clock: str, ms: int, rid: object, fields: dict[str, Any]) -> str:
+        """The whole text line: ``{clock},{ms:03d} INFO gateway.access [{rid}] {text}\\n``
+        in one ``%`` format."""
+        _, line, take = self._templates(fields)
+        out: str = line % (clock, ms, rid, *take(fields))
+        return out
 
 
 def _taker(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
@@ -230,6 +244,11 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 
 def access(**fields: Any) -> None:
     """One access-log line; fields are names and numbers only, never header values or bodies."""
+    access_fields(fields)
+
+
+def access_fields(fields: dict[str, Any]) -> None:
+    """:func:`access` with the fields as a dict of the caller's (not copied again)."""
     handlers = logging.root.handlers
     if not ACCESS.isEnabledFor(logging.INFO):
         return

@@ -21,6 +21,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from gateway.tally import TallyCounter, TallyGauge, TallyHistogram
+
 LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -148,34 +150,35 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        # updated on every request: plain numbers exported at scrape time (gateway/tally.py)
+        self.requests = TallyCounter(
             "gateway_requests",
             "Requests answered, by route and HTTP status.",
             ["route", "status"],
-            registry=r,
+            r,
         )
-        self.duration = Histogram(
+        self.duration = TallyHistogram(
             "gateway_request_duration_seconds",
             "Time from request to the end of the response.",
             ["route"],
+            r,
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.ttfb = Histogram(
+        self.ttfb = TallyHistogram(
             "gateway_time_to_first_byte_seconds",
             "Time from request to the upstream's first response byte.",
             ["route"],
+            r,
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.active_streams = Gauge(
-            "gateway_active_streams", "Responses being relayed now.", ["route"], registry=r
+        self.active_streams = TallyGauge(
+            "gateway_active_streams", "Responses being relayed now.", ["route"], r
         )
-        self.stream_end = Counter(
+        self.stream_end = TallyCounter(
             "gateway_stream_end",
             "Relayed responses by how they ended.",
             ["route", "reason"],
-            registry=r,
+            r,
         )
         self.heartbeats = Counter(
             "gateway_heartbeats", "SSE keep-alive comments sent.", ["route"], registry=r
@@ -198,19 +201,19 @@ class Metrics:
             ["route", "reason"],
             registry=r,
         )
-        self.key_requests = Counter(
+        self.key_requests = TallyCounter(
             "gateway_key_requests",
             "Requests per downstream API key name and status.",
             ["key", "status"],
-            registry=r,
+            r,
         )
         # issue 11: label values from config only (route, key and model names), kind an enum
-        self.tokens = Counter(
+        self.tokens = TallyCounter(
             "gateway_tokens",
             "Tokens the answers reported in their usage, by route, API key, model and kind"
             " (prompt, completion).",
             ["route", "key", "model", "kind"],
-            registry=r,
+            r,
         )
         self._chunks: dict[str, ChunkStats] = {}
         r.register(_ChunkCollector(self._chunks))
@@ -257,7 +260,11 @@ class Metrics:
         routes of the config serving now (``routes``: a reload may add or remove some)."""
         self.registry.register(_PoolCollector(routes, sizes))
 
-    def child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+    def child(
+        self,
+        metric: Counter | Gauge | Histogram | TallyCounter | TallyGauge | TallyHistogram,
+        *labels: str,
+    ) -> Any:
         """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock and builds a key on
         every call, and the per-request path makes several. Label values are bounded (config
         names, small enums), so the memo is too."""

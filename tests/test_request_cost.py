@@ -2,12 +2,15 @@
 
 ``Targets`` remembers checked targets, ``UpstreamBase.url`` the URLs built from them: both only
 for targets without a query (a query may carry a client's key), both bounded, and an invalid
-target is refused every time, never remembered.
+target is refused every time, never remembered. ``gc_tuning.settle`` collects less often but
+still collects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -17,6 +20,7 @@ from gateway.errors import BadRequest
 from gateway.proxy import target as target_module
 from gateway.proxy.deadline import Deadline
 from gateway.proxy.target import REMEMBERED, Targets, UpstreamBase, parse_target
+from gateway.server import gc_tuning
 
 
 def test_a_remembered_target_is_the_parsed_one_and_invalid_ones_are_refused_each_time() -> None:
@@ -116,3 +120,27 @@ async def test_an_outside_cancellation_stays_a_cancellation(kind: str) -> None:
     task.cancel()  # the client went away: 499, not a 504
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_after_settle_startup_objects_are_frozen_and_cyclic_garbage_is_still_collected() -> None:
+    before = gc.get_threshold()
+    try:
+        gc_tuning.settle()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (gc_tuning.YOUNG_THRESHOLD, *before[1:])
+        collected: list[bool] = []
+
+        class Node:
+            def __init__(self) -> None:
+                self.me = self  # a cycle: only the collector frees it
+
+        node = Node()
+        weakref.finalize(node, collected.append, True)
+        del node
+        # enough new container objects to pass the young threshold: no explicit collect()
+        keep: list[list[int]] = [[] for _ in range(gc_tuning.YOUNG_THRESHOLD * 2)]
+        assert collected == [True]
+        del keep
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

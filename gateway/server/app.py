@@ -69,15 +69,37 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _not_origin_form(handle: _Handler) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Targets that are not origin-form go to the proxy, which refuses them in its own shape
-    (400 invalid_path): some aiohttp releases (3.13) match ``*`` against no route at all."""
+    (400 invalid_path): some aiohttp releases (3.13) match ``*`` against no route at all. So
+    does a path no route matched (the catch-all's ``.*`` stops at a decoded ``%0A``): aiohttp's
+    own 404 would be text/plain, without X-Request-Id."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
-        if request.raw_path[:1] != "/":
+        if request.raw_path[:1] != "/" or request.match_info.http_exception is not None:
             return await handle(request)
         return await handler(request)
 
     return middleware
+
+
+class _ProxyOnly:
+    """Requests that no route but the proxy's catch-all can take, for the proxy at once.
+
+    The gateway's own endpoints answer GET (and HEAD) only, and a request with an ``Expect``
+    header goes through the catch-all's expect handler: any other request reaches
+    ``proxy.handle`` whatever its path (the catch-all, or the middleware for a target that is
+    not origin-form), so the router and the middleware chain are skipped for it.
+    """
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.handle = proxy.handle
+
+    @staticmethod
+    def wants(request: web.BaseRequest) -> bool:
+        return request.method not in _OWN_METHODS and not request.headers.get("Expect")
+
+
+_OWN_METHODS = frozenset(("GET", "HEAD"))
 
 
 def open_limits_store(config: LimitsStore) -> Store:
@@ -163,6 +185,7 @@ def make_runner(app: web.Application, shutdown_timeout: float = FINAL_WRITE_GRAC
         error_response=_malformed(app[GATEWAY].proxy.request_id),
         max_connections=listen.max_connections,
         on_refused=app[METRICS].connections_refused.inc,
+        direct=_ProxyOnly(app[GATEWAY].proxy),
         keepalive_timeout=listen.keepalive_timeout,
         handler_cancellation=True,
         access_log=None,

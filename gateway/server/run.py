@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway.config.model import Settings
 from gateway.config.risks import start_up_risks
+from gateway.server import gc_tuning
 from gateway.server.app import FINAL_WRITE_GRACE, build_app, make_runner
 from gateway.server.metrics_site import start_metrics_site
 from gateway.server.reload import ConfigSource
@@ -108,6 +109,7 @@ async def serve(
             raise
         addresses = [_address(s) for s in runner.addresses]
         log.info("serving on %s", ", ".join(addresses))
+        gc_tuning.settle()
         notify(notify_socket, "READY=1")
         if started is not None:
             started(addresses)
