@@ -28,15 +28,23 @@ import targets
 from run import SCENARIOS, Upstream, run_client
 
 HERE = Path(__file__).resolve().parent
+GATEWAY_ARGUMENTS = "-m gateway --config {config}"
 
 
 def _callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=60)
 
 
-def measure(scenario_key: str, out: Path, index: int, source: Path | None = None) -> float:
+def measure(
+    scenario_key: str,
+    out: Path,
+    index: int,
+    source: Path | None = None,
+    arguments: str = GATEWAY_ARGUMENTS,
+) -> float:
     """One counted run of the scenario; the gateway's instructions per unit. ``source``: run
-    the gateway from that checkout instead (e.g. the code before a change, via git archive)."""
+    the gateway from that checkout instead (e.g. the code before a change, via git archive);
+    ``arguments``: what follows ``python`` (e.g. ``benchmarks/floor_proxy.py {config}``)."""
     scenario = SCENARIOS[scenario_key]
     spec = scenario.spec
     work = out / f"{scenario_key}-{index}"
@@ -44,7 +52,7 @@ def measure(scenario_key: str, out: Path, index: int, source: Path | None = None
     dump = work / "callgrind.out"
     command = (
         f"valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file={dump}.%p "
-        "{python} -m gateway --config {config}"
+        "{python} " + arguments
     )
     if source is not None:  # `python -m` imports from the working directory first
         command = f"sh -c 'cd {shlex.quote(str(source))} && exec {command}'"
@@ -90,13 +98,19 @@ def main() -> int:
     parser.add_argument(
         "--source", type=Path, help="run the gateway from this checkout (default: this one)"
     )
+    parser.add_argument(
+        "--arguments",
+        default=GATEWAY_ARGUMENTS,
+        help="what to run after python, {config} filled in (default: %(default)s); "
+        "'benchmarks/floor_proxy.py {config}' counts the floor",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (with callgrind_control) is not installed", file=sys.stderr)
         return 2
     unit = SCENARIOS[args.scenario].unit
     for i in range(args.repeat):
-        per_unit = measure(args.scenario, args.out, i, args.source)
+        per_unit = measure(args.scenario, args.out, i, args.source, args.arguments)
         print(f"{args.scenario} run {i + 1}: {per_unit:,.0f} instructions per {unit}", flush=True)
     return 0
 

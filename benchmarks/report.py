@@ -82,6 +82,7 @@ def derive(result: dict[str, Any]) -> None:
             continue
         nginx = by_key.get((scenario, "nginx"), {}).get(key)
         gateway = by_key.get((scenario, "gateway"), {}).get(key)
+        floor = by_key.get((scenario, "floor"), {}).get(key)
         ratios.append(
             {
                 "scenario": scenario,
@@ -90,6 +91,8 @@ def derive(result: dict[str, Any]) -> None:
                 "nginx": nginx,
                 "gateway": gateway,
                 "ratio": _ratio(gateway, nginx),
+                "floor": floor,
+                "floor_ratio": _ratio(gateway, floor),
             }
         )
     result["ratios"] = ratios
@@ -227,9 +230,12 @@ def markdown(result: dict[str, Any]) -> str:
             ratio = "no ratio (nginx's figure is not above zero)"
         else:
             ratio = "not measured"
+        floor = ""
+        if r.get("floor_ratio") is not None:
+            floor = f"; floor {_num(r['floor'], 2)} {r['unit']}: {r['floor_ratio']:.1f}x the floor"
         lines.append(
             f"- {r['scenario']} {r['figure']}: gateway {_num(r['gateway'], 2)} {r['unit']}, "
-            f"nginx {_num(r['nginx'], 2)} {r['unit']}: {ratio}"
+            f"nginx {_num(r['nginx'], 2)} {r['unit']}: {ratio}{floor}"
         )
     return "\n".join(lines) + "\n"
 
@@ -243,7 +249,7 @@ def chart(result: dict[str, Any], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "chart: matplotlib is not installed (pip install -r benchmarks/requirements.txt)"
-    colors = {"direct": "#999999", "gateway": "#d9541e", "nginx": "#2a9d3f"}
+    colors = {"direct": "#999999", "gateway": "#d9541e", "nginx": "#2a9d3f", "floor": "#3a6ea5"}
     by_key = {(r["scenario"], r["target"]): r for r in result["records"]}
     scenarios = list(result["scenarios"])
     proxies = [t for t in result["targets"] if t != "direct"]

@@ -1,6 +1,6 @@
-"""Measure the relay side by side: direct, the gateway and nginx, five scenarios, one command.
+"""Measure the relay side by side: direct, the gateway, nginx and the floor, five scenarios.
 
-    python benchmarks/run.py [--quick] [--scenarios S1,S2] [--targets direct,gateway,nginx]
+    python benchmarks/run.py [--quick] [--scenarios S1,S2] [--targets direct,gateway,nginx,floor]
 
 For each scenario and each target, the target is started fresh on loopback, warmed up, and the
 load client (its own process) runs the scenario through it against the fake upstream (its own
@@ -101,7 +101,7 @@ SCENARIOS = {
         ),
     )
 }
-TARGETS = ("direct", "gateway", "nginx")
+TARGETS = ("direct", "gateway", "nginx", "floor")
 
 
 def _version(package: str) -> str:

@@ -3,6 +3,8 @@
 - ``direct``: the client talks to the fake upstream itself (and sends the token itself).
 - ``gateway``: ``python -m gateway --config FILE`` with a static-token credential.
 - ``nginx``: one worker, ``proxy_buffering off``, injecting the same ``X-Auth-Token``.
+- ``floor``: ``floor_proxy.py``, aiohttp's low-level server and the gateway's upstream client
+  with none of the gateway's own work: the floor of what its building blocks allow.
 
 Each target gives the address the client calls, which processes to measure, and a version.
 """
@@ -184,6 +186,23 @@ class Gateway(Target):
         return f"modelarts-gateway {v}" + (f" ({rev})" if rev else "")
 
 
+class Floor(Gateway):
+    """aiohttp's low-level server and the gateway's upstream client, and nothing else
+    (``floor_proxy.py``): what the gateway's building blocks cost before its own work."""
+
+    name = "floor"
+    default_command = "{python} benchmarks/floor_proxy.py {config}"
+
+    def __init__(self, upstream_port: int, workdir: Path) -> None:
+        super().__init__(upstream_port, workdir, None)
+        self.log = workdir / "floor.log"
+
+    def version(self) -> str:
+        from importlib.metadata import version
+
+        return f"aiohttp {version('aiohttp')} web.Server + gateway.http1"
+
+
 class Nginx(Target):
     """nginx as a plain unbuffered reverse proxy: the bar to measure against."""
 
@@ -285,6 +304,8 @@ def make(name: str, upstream_port: int, workdir: Path, gateway_command: str | No
         return Gateway(upstream_port, workdir, gateway_command)
     if name == "nginx":
         return Nginx(upstream_port, workdir)
+    if name == "floor":
+        return Floor(upstream_port, workdir)
     raise ValueError(f"unknown target {name!r}")
 
 
