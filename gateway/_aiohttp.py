@@ -312,11 +312,12 @@ class WholeResponse(web.Response):
     ``write_eof`` three times, ``_send_headers_with_payload``, ``_writelines``, ``drain``).
     This does the same work in one call: the same headers in the same order (Content-Length,
     Content-Type's default, Date, Server, Connection from the response's or the request's
-    keep-alive and the HTTP version), the same serializer (which refuses CR/LF in a header),
-    the ``on_response_prepare`` hook for routed requests, the same error when the client is gone,
-    and the same wait in ``write_eof`` while the client does not read (backpressure). Anything
-    else (a body that must be empty, compression, cookies, chunking, a preset Content-Length,
-    a payload object, an HTTP version other than 1.0 and 1.1) takes aiohttp's own path.
+    keep-alive and the HTTP version), the same serializer (which refuses the control characters
+    its aiohttp release refuses in a header: 3.14 more than 3.13), the ``on_response_prepare``
+    hook for routed requests, the same error when the client is gone, and the same wait in
+    ``write_eof`` while the client does not read (backpressure). Anything else (a body that
+    must be empty, compression, cookies, chunking, a preset Content-Length, a payload object,
+    an HTTP version other than 1.0 and 1.1) takes aiohttp's own path.
     """
 
     _whole = False  # sent by prepare(): write_eof() only waits for the client to read
@@ -341,6 +342,7 @@ class WholeResponse(web.Response):
         self._zlib_executor = None
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        """Send the whole answer now (aiohttp's own ``prepare`` only for the cases above)."""
         status = self._status
         headers = self._headers
         body = self._body
@@ -397,6 +399,7 @@ class WholeResponse(web.Response):
         return writer
 
     async def write_eof(self, data: bytes = b"") -> None:
+        """Wait while the client is not reading; the bytes left in ``prepare``."""
         if not self._whole or self._eof_sent:
             return await super().write_eof(data)
         writer = self._payload_writer
