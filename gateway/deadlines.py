@@ -8,6 +8,11 @@ checks the loop's pid: CPython 3.11 ``Modules/_asynciomodule.c``). Here a wait i
 the future the waiter awaits is failed with ``TimeoutError`` at its deadline by a single timer
 armed for the earliest one, and futures that completed in time are dropped from the heap lazily.
 The timer fires at the deadline (``loop.call_at``, as asyncio's), not at some later sweep.
+
+A waiter hands its entry back (``forget``) once it has the future's outcome: an entry can sit in
+the heap long after that (behind a wait still running, up to its first-byte time), and a done
+future holds its outcome, a response's parser and body reader, or an exception whose traceback
+holds the request's frames: its body (up to ``max_body``) and headers.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ class Deadlines:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._heap: list[tuple[float, int, asyncio.Future[Any]]] = []
+        # [when, seq, future]; the future is None once its waiter has forgotten it
+        self._heap: list[list[Any]] = []
         self._seq = itertools.count().__next__  # ties broken by arrival, never by future
         self._compact_at = _COMPACT_FLOOR
         self._timer: asyncio.TimerHandle | None = None
@@ -40,21 +46,31 @@ class Deadlines:
         """Entries held: futures still waiting, and done ones not yet dropped."""
         return len(self._heap)
 
-    def add(self, future: asyncio.Future[Any], when: float) -> None:
-        """Fail ``future`` with TimeoutError at loop time ``when`` unless it is done by then."""
+    def add(self, future: asyncio.Future[Any], when: float) -> list[Any]:
+        """Fail ``future`` with TimeoutError at loop time ``when`` unless it is done by then.
+
+        Returns its entry, for ``forget`` once the future's outcome is taken.
+        """
         heap = self._heap
-        while heap and heap[0][2].done():
+        while heap and _over(heap[0]):
             heapq.heappop(heap)
         if len(heap) >= self._compact_at:
-            heap[:] = [entry for entry in heap if not entry[2].done()]
+            heap[:] = [entry for entry in heap if not _over(entry)]
             heapq.heapify(heap)
             self._compact_at = max(_COMPACT_FLOOR, 2 * len(heap))
-        heapq.heappush(heap, (when, self._seq(), future))
+        entry = [when, self._seq(), future]
+        heapq.heappush(heap, entry)
         if self._timer is None or when < self._armed_at:
             if self._timer is not None:
                 self._timer.cancel()
             self._armed_at = when
             self._timer = self._loop.call_at(when, self._fire)
+        return entry
+
+    @staticmethod
+    def forget(entry: list[Any]) -> None:
+        """The entry's future is done with: the heap no longer holds it (nor what it holds)."""
+        entry[2] = None
 
     def _fire(self) -> None:
         self._timer = None
@@ -62,7 +78,7 @@ class Deadlines:
         now = self._loop.time()
         while heap:
             when, _, future = heap[0]
-            if future.done():
+            if future is None or future.done():
                 heapq.heappop(heap)
             elif when > now:
                 self._armed_at = when
@@ -71,3 +87,8 @@ class Deadlines:
             else:
                 heapq.heappop(heap)
                 future.set_exception(TimeoutError("the deadline passed"))
+
+
+def _over(entry: list[Any]) -> bool:
+    future = entry[2]
+    return future is None or bool(future.done())

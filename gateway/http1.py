@@ -222,8 +222,7 @@ class _Connection(asyncio.Protocol):
         self._payload = None
         self._should_close = False
         waiter = self._waiter = self._loop.create_future()
-        if by is not None:
-            self._pool.deadlines.add(waiter, by)
+        entry = self._pool.deadlines.add(waiter, by) if by is not None else None
         transport.write(head + body if len(body) < 16384 else head)
         if len(body) >= 16384:
             transport.write(body)
@@ -232,6 +231,8 @@ class _Connection(asyncio.Protocol):
             # write() when the socket refuses it): the request did not reach the upstream whole
             self._waiter = None
             waiter.cancel()
+            if entry is not None:
+                Deadlines.forget(entry)
             raise NotSent("the request could not be written")
         try:
             message, payload = await waiter
@@ -239,6 +240,9 @@ class _Connection(asyncio.Protocol):
             self._should_close = True
             self.close()
             raise
+        finally:
+            if entry is not None:
+                Deadlines.forget(entry)  # the heap must not keep the outcome (deadlines.py)
         return message, payload
 
     def finished(self, reusable: bool) -> None:
