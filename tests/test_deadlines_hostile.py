@@ -18,6 +18,7 @@ from faulty_upstream import read_request
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.deadlines import Deadlines
 from gateway.http1 import ClosedBeforeResponse, UpstreamClient
 
 Handler = Callable[["RawUpstream", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -128,3 +129,27 @@ async def test_failed_exchanges_behind_a_waiting_one_do_not_keep_their_request_b
         with pytest.raises(asyncio.CancelledError):
             await stuck
     assert kept < 4 << 20, f"{kept / (1 << 20):.1f} MiB kept after 20 failed 1 MiB requests"
+
+
+async def test_a_deadline_fires_its_timer_once_not_until_the_clock_catches_up() -> None:
+    """uvloop's clock counts whole milliseconds and its timers round: a timer armed for a
+    deadline between two ticks fires when ``loop.time()`` still reads a little before it. The
+    deadline is then due (the loop said so, as asyncio.timeout takes it), not re-armed for
+    "now" again and again until the clock ticks: that spun the loop about 48 times a deadline.
+    """
+    loop = asyncio.get_running_loop()
+    fires = 0
+
+    class Counted(Deadlines):
+        def _fire(self) -> None:
+            nonlocal fires
+            fires += 1
+            super()._fire()
+
+    deadlines = Counted(loop)
+    for k in range(20):
+        waiter: asyncio.Future[None] = loop.create_future()
+        deadlines.add(waiter, loop.time() + 0.0107 + k * 0.00013)  # between millisecond ticks
+        with pytest.raises(TimeoutError):
+            await waiter
+    assert fires <= 25, f"{fires} timer callbacks for 20 deadlines"
