@@ -75,7 +75,10 @@ class Deadlines:
     def _fire(self) -> None:
         self._timer = None
         heap = self._heap
-        now = self._loop.time()
+        # What the timer was armed for is due when it fires, whatever loop.time() reads: uvloop's
+        # clock counts whole milliseconds and its timers round, so it may read a little before.
+        # Re-arming for that remainder would spin the loop until the next tick.
+        now = max(self._loop.time(), self._armed_at)
         while heap:
             when, _, future = heap[0]
             if future is None or future.done():
