@@ -15,7 +15,7 @@ from yarl import URL
 from gateway.credentials.token_cache import Token
 
 
-@dataclass
+@dataclass(slots=True)
 class Outgoing:
     """A request about to go upstream; credentials are applied to it last."""
 

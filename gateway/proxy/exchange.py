@@ -69,7 +69,7 @@ def error_response(err: GatewayError, rid: str) -> web.Response:
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     """What one request did, for the access log and metrics.
 

@@ -31,7 +31,7 @@ TAIL = 1024
 HOLD = 4096
 
 
-@dataclass
+@dataclass(slots=True)
 class Usage:
     """One request's token counts (None: the answer did not say), filled as the answer passes.
 
