@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import select
 import ssl
 from collections import deque
@@ -35,6 +36,11 @@ MAX_IDLE_PER_POOL = 256
 # Sent once more when a reused connection closes before answering: the upstream may have acted
 # on the request, which is harmless only for these (nginx and Go's client draw the same line).
 IDEMPOTENT = frozenset({"GET", "HEAD"})
+
+# Not allowed in a reason phrase or a field value (RFC 9110 §5.5: visible characters, SP and
+# HTAB). aiohttp's parser lets them through (NUL, CR and LF excepted); 3.13's serializer would
+# then pass them on to the client and 3.14's refuses them after the answer was counted as sent.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 ConnKey = tuple[str, str, str, int]  # (pool, scheme, host, port); a pool is a route
 
@@ -140,6 +146,11 @@ class _Connection(asyncio.Protocol):
                 return
             if 100 <= message.code < 200:
                 continue  # an interim answer; the real one follows on the same connection
+            if _CONTROL.search(message.reason) or _CONTROL.search(
+                " ".join(message.headers.values())
+            ):
+                self._fail(BadResponse("the upstream sent a control character in its head"))
+                return
             if message.should_close:
                 self._should_close = True
             self._payload = payload
