@@ -503,15 +503,22 @@ def _expiry(conn: _Connection) -> float:
 
 
 def _request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> bytes:
-    """Request line and headers; Host and Content-Length are the client's own business here."""
-    lines = [f"{method} {url.raw_path_qs} HTTP/1.1"]
+    """Request line and headers; Host and Content-Length are the client's own business here.
+
+    The values are checked for line breaks all at once and the lines joined in C (``": ".join``
+    over the items); only values that hold a break are searched for the header to name.
+    """
+    values = "".join(headers.values())
+    if "\n" in values or "\r" in values:
+        for name, value in headers.items():
+            if "\n" in value or "\r" in value:
+                raise BadHeader(f"the value of header {name!r} contains a line break")
+    lines = "\r\n".join(map(": ".join, headers.items()))
+    head = f"{method} {url.raw_path_qs} HTTP/1.1\r\n"
     if "Host" not in headers:
-        lines.append(f"Host: {url.host_port_subcomponent}")
-    for name, value in headers.items():
-        if "\n" in value or "\r" in value:
-            raise BadHeader(f"the value of header {name!r} contains a line break")
-        lines.append(f"{name}: {value}")
+        head += f"Host: {url.host_port_subcomponent}\r\n"
+    if lines:
+        head += lines + "\r\n"
     if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body)}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+        head += f"Content-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode("utf-8", "surrogateescape")
