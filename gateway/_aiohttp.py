@@ -286,7 +286,10 @@ class ClientSink:
 
 
 class Waker(Protocol):
-    """What a StreamReader calls on its waiter (aiohttp.helpers.set_result / set_exception)."""
+    """What a StreamReader calls on its waiter (aiohttp.helpers.set_result / set_exception),
+    and ``ready``: what a protocol that ``notifies_body`` calls instead."""
+
+    ready: Callable[[], None]
 
     def done(self) -> bool: ...
 
@@ -298,10 +301,14 @@ class Waker(Protocol):
 class ReaderSource:
     """An upstream body (aiohttp's ``StreamReader``) as the relay reads it."""
 
-    __slots__ = ("reader",)
+    __slots__ = ("_notifier", "reader")
 
     def __init__(self, reader: aiohttp.StreamReader) -> None:
         self.reader = reader
+        # the gateway's upstream connection (http1) calls ``on_body`` once a read is parsed,
+        # so the relay needs no waiter: no future, no loop callback, one wake per read
+        protocol = reader._protocol
+        self._notifier: Any = protocol if getattr(protocol, "notifies_body", False) else None
 
     def take(self) -> bytes:
         """Everything buffered (b"" when empty), like ``read_nowait(-1)``; raises on failure.
@@ -335,9 +342,16 @@ class ReaderSource:
 
     def wake(self, waker: Waker) -> None:
         """Have ``waker`` called, instead of a future, when data or an error arrives."""
-        self.reader._waiter = waker  # type: ignore[assignment]
+        notifier = self._notifier
+        if notifier is not None:
+            notifier.on_body = waker.ready
+        else:
+            self.reader._waiter = waker  # type: ignore[assignment]
 
     def unhook(self, waker: Waker) -> None:
+        notifier = self._notifier
+        if notifier is not None and notifier.on_body is waker.ready:
+            notifier.on_body = None
         if self.reader._waiter is waker:  # type: ignore[comparison-overlap]
             self.reader._waiter = None
 

@@ -3,7 +3,10 @@
 The copy is driven by the upstream connection's ``data_received``: aiohttp's parser hands each
 body chunk to the response's ``StreamReader``, which wakes its waiter; the relay installs itself
 as that waiter, so the chunk goes to the client's transport from one plain callback, with no
-task switch, no future and no timer per chunk. When the client's socket buffer fills, the relay
+task switch, no future and no timer per chunk. The gateway's own upstream connection
+(gateway/http1.py) does better still: it calls the relay's pump itself once a read has been
+parsed whole (the waiter's loop callback and its wake-ups are skipped; the chunks of one read
+still go out in one write). When the client's socket buffer fills, the relay
 stops taking chunks; the reader's buffer then fills and aiohttp pauses the upstream socket, so
 memory stays bounded however fast the upstream and however slow the client.
 
@@ -83,12 +86,15 @@ class _Wake:
     upstream protocol, which re-enters the parser.
     """
 
-    __slots__ = ("_call_soon", "_failed", "_pump")
+    __slots__ = ("_call_soon", "_failed", "_pump", "ready")
 
     def __init__(self, relay: Relay) -> None:
         self._call_soon = relay._loop.call_soon
         self._pump = relay._pump
         self._failed = relay._upstream_failed
+        # what a source that is told of new bytes after they are parsed calls: the pump itself
+        # (one object, so that ``unhook`` can tell it is still ours)
+        self.ready = relay._pump
 
     def done(self) -> bool:
         return False
@@ -110,7 +116,8 @@ class Source(Protocol):
         """True once the whole body has been taken."""
 
     def wake(self, waker: _Wake) -> None:
-        """Call ``waker.set_result`` (data) or ``waker.set_exception`` (failure) when it comes."""
+        """Call ``waker.set_result`` (data) or ``waker.set_exception`` (failure) when it comes,
+        or ``waker.ready()`` for either once the bytes of a read are all in."""
 
     def unhook(self, waker: _Wake) -> None:
         """Stop calling ``waker``."""
