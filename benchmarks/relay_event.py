@@ -62,10 +62,7 @@ class Source:
 
 
 class Sink:
-    def write(self, data: bytes) -> None:
-        pass
-
-    def paused(self) -> bool:
+    def write(self, data: bytes) -> bool:
         return False
 
     async def drain(self) -> None:

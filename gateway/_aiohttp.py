@@ -11,8 +11,8 @@ Tested on aiohttp 3.13.4 and 3.14.5, the two ends of the range ``pyproject.toml`
 - ``web_protocol.RequestHandler``: subclassed for ``connection_made``, ``connection_lost``,
   ``data_received`` and ``handle_error`` (its signature), and its ``_request_count``,
   ``_request_in_progress`` and ``_messages`` (is a request being handled, or queued: the header
-  timer runs only between requests); ``writing_paused`` of its base ``BaseProtocol``, reached as
-  ``request.protocol``; ``request.writer.drain()``;
+  timer runs only between requests); ``_paused`` (what ``writing_paused`` returns) of its base
+  ``BaseProtocol``, reached as ``request.protocol``; ``request.writer.drain()``;
 - ``web_server.Server``: ``_loop`` and ``_kwargs`` (to build our handler as aiohttp builds its),
   its ``request_handler`` (``Application._handle``) wrapped to send some requests past the
   router (:class:`Direct`), and ``Request._match_info`` left unset for those;
@@ -243,7 +243,9 @@ class ClientSink:
         # the body ends where the connection does
         self._delimited = not self._chunked and response.content_length is None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> bool:
+        """Send ``data`` now; True when the client's send buffer is full after it (aiohttp's
+        ``writing_paused``, read as its ``_paused`` slot: a property call less per chunk)."""
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client connection is closed")
@@ -253,9 +255,7 @@ class ClientSink:
             transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
-
-    def paused(self) -> bool:
-        return self._protocol.writing_paused
+        return self._protocol._paused
 
     async def drain(self) -> None:
         try:

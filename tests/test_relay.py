@@ -53,13 +53,11 @@ class Sink:
         self.fail: BaseException | None = None
         self.block = False
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes) -> bool:
         if self.fail is not None:
             raise self.fail
         self.writes.append(chunk)
         self.queue.put_nowait(chunk)
-
-    def paused(self) -> bool:
         return self.block  # a client that stopped reading: its send buffer stays full
 
     async def drain(self) -> None:

@@ -64,11 +64,9 @@ def ends_event(prev: bytes, tail: bytes) -> bool:
 class Sink(Protocol):
     """Where relayed bytes go: the client's connection."""
 
-    def write(self, data: bytes) -> None:
-        """Send now, without waiting; raise OSError if the client is gone."""
-
-    def paused(self) -> bool:
-        """True while the client's send buffer is full."""
+    def write(self, data: bytes) -> bool:
+        """Send now, without waiting; raise OSError if the client is gone. True when the
+        client's send buffer is full now (one call per chunk tells both)."""
 
     async def drain(self) -> None:
         """Wait until the client's send buffer has room again."""
@@ -242,11 +240,11 @@ class Relay:
             else:  # a tiny chunk: kept with the end of the last, so 4 adjacent bytes are known
                 self._tail = self._tail[-4:] + chunk
             try:
-                sink.write(chunk)
+                full = sink.write(chunk)
             except OSError:
                 self._finish("client_gone")
                 return
-            if sink.paused():
+            if full:
                 self._blocked = True
                 self._drainer = self._loop.create_task(self._wait_for_client())
                 return
