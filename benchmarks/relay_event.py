@@ -51,11 +51,8 @@ class Source:
     def take(self) -> bytes:
         return self.chunks.popleft() if self.chunks else b""
 
-    def at_eof(self) -> bool:
+    def settle(self, waker: object) -> bool | None:
         return not self.chunks
-
-    def wake(self, waker: object) -> None:
-        pass
 
     def unhook(self, waker: object) -> None:
         pass

@@ -337,16 +337,21 @@ class ReaderSource:
             splits.popleft()
         return data
 
-    def at_eof(self) -> bool:
-        return self.reader.at_eof()
-
-    def wake(self, waker: Waker) -> None:
-        """Have ``waker`` called, instead of a future, when data or an error arrives."""
+    def settle(self, waker: Waker) -> bool | None:
+        """True at the end of the body, all taken; False when there is more to take now (or
+        a failure to raise); else None, ``waker`` called, instead of a future, once data or
+        an error arrives."""
+        reader = self.reader
+        if reader._buffer or reader._exception is not None:
+            return False
+        if reader._eof:
+            return True
         notifier = self._notifier
         if notifier is not None:
             notifier.on_body = waker.ready
         else:
-            self.reader._waiter = waker  # type: ignore[assignment]
+            reader._waiter = waker  # type: ignore[assignment]
+        return None
 
     def unhook(self, waker: Waker) -> None:
         notifier = self._notifier

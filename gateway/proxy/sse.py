@@ -110,12 +110,11 @@ class Source(Protocol):
     def take(self) -> bytes:
         """Everything buffered now (b"" when nothing is); raises if the upstream failed."""
 
-    def at_eof(self) -> bool:
-        """True once the whole body has been taken."""
-
-    def wake(self, waker: _Wake) -> None:
-        """Call ``waker.set_result`` (data) or ``waker.set_exception`` (failure) when it comes,
-        or ``waker.ready()`` for either once the bytes of a read are all in."""
+    def settle(self, waker: _Wake) -> bool | None:
+        """After a take: True when the whole body has been taken, False when more is here
+        already (or a failure: take again), else None, having arranged to call
+        ``waker.set_result`` (data) or ``waker.set_exception`` (failure) when it comes, or
+        ``waker.ready()`` for either once the bytes of a read are all in."""
 
     def unhook(self, waker: _Wake) -> None:
         """Stop calling ``waker``."""
@@ -219,55 +218,58 @@ class Relay:
             except Exception:  # whatever the upstream connection failed with
                 self._upstream_failed()
                 return
-            if not chunk:
-                break
-            now = monotonic()
-            stats.gap(now - self._last)
-            self._last = now
-            # the usage watcher's test, inline: a method call would cost as much as the test
-            # itself (`in` on bytes first tries the needle as an int: find() is cheaper)
-            if tap is not None and (
-                tap.pending or not chunk.endswith(ends) or chunk.find(usage_key, tail) >= 0
-            ):
-                chunk = tap.feed(chunk)  # usage read; hidden or held back when it is ours
-                if not chunk:
-                    continue
-            size = len(chunk)
-            stats.bytes += size
-            self.bytes += size
-            if size >= 4:
-                self._prev, self._tail = self._tail, chunk
-            else:  # a tiny chunk: kept with the end of the last, so 4 adjacent bytes are known
-                self._tail = self._tail[-4:] + chunk
-            try:
-                full = sink.write(chunk)
-            except OSError:
-                self._finish("client_gone")
-                return
-            if full:
-                self._blocked = True
-                self._drainer = self._loop.create_task(self._wait_for_client())
-                return
-        if source.at_eof():
-            rest = tap.finish(self._prev[-3:] + self._tail) if tap and tap.pending else b""
-            if rest:
+            if chunk:
+                now = monotonic()
+                stats.gap(now - self._last)
+                self._last = now
+                # the usage watcher's test, inline: a method call would cost as much as the
+                # test itself (`in` on bytes first tries the needle as an int: find() is cheaper)
+                if tap is not None and (
+                    tap.pending or not chunk.endswith(ends) or chunk.find(usage_key, tail) >= 0
+                ):
+                    chunk = tap.feed(chunk)  # usage read; hidden or held back when it is ours
+            if chunk:
+                size = len(chunk)
+                stats.bytes += size
+                self.bytes += size
+                if size >= 4:
+                    self._prev, self._tail = self._tail, chunk
+                else:  # a tiny chunk: kept with the end of the last, so 4 adjacent bytes known
+                    self._tail = self._tail[-4:] + chunk
                 try:
-                    sink.write(rest)
+                    full = sink.write(chunk)
                 except OSError:
                     self._finish("client_gone")
                     return
-                stats.bytes += len(rest)
-                self.bytes += len(rest)
-                self._prev, self._tail = self._tail, rest
-            if self._sse and (not self.at_boundary or rest is None):
-                # a body that ends inside an event (a close-delimited one cut by a FIN, or one
-                # whose upstream just stopped there) is reported as the cut it is
-                self._sink.abort()
-                self._finish("upstream_error")
+                if full:
+                    self._blocked = True
+                    self._drainer = self._loop.create_task(self._wait_for_client())
+                    return
+            # one call instead of a take that finds nothing, at_eof and wake: the end, more
+            # already here (take again), or nothing yet (``_wake`` is hooked)
+            ended = source.settle(self._wake)
+            if ended is None:
                 return
-            self._finish("done")
-        else:
-            source.wake(self._wake)
+            if ended:
+                break
+        # the whole body is in and taken
+        rest = tap.finish(self._prev[-3:] + self._tail) if tap and tap.pending else b""
+        if rest:
+            try:
+                sink.write(rest)
+            except OSError:
+                self._finish("client_gone")
+                return
+            stats.bytes += len(rest)
+            self.bytes += len(rest)
+            self._prev, self._tail = self._tail, rest
+        if self._sse and (not self.at_boundary or rest is None):
+            # a body that ends inside an event (a close-delimited one cut by a FIN, or one
+            # whose upstream just stopped there) is reported as the cut it is
+            self._sink.abort()
+            self._finish("upstream_error")
+            return
+        self._finish("done")
 
     async def _wait_for_client(self) -> None:
         try:
