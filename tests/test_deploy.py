@@ -45,6 +45,9 @@ EXPECTED_METRICS = frozenset(
         "gateway_rate_limited_total",
         "gateway_limits_store_errors_total",
         "gateway_tokens_total",
+        "gateway_upstream_connections",
+        "gateway_connections_refused_total",
+        "gateway_auth_failures_total",
     }
 )
 HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")
@@ -153,7 +156,7 @@ def registered_metric_names() -> set[str]:
     from gateway.metrics import Metrics
 
     registry = CollectorRegistry()
-    Metrics(registry)
+    Metrics(registry).watch_pool(lambda: ["chat"], dict)  # what build_app adds: the pool's sizes
     # prometheus_client names a counter family without its _total suffix.
     return {
         f"{family.name}_total" if family.type == "counter" else family.name

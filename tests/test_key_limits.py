@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import calendar
 import copy
+import itertools
 import logging
 import os
+import re
 import signal
 import tempfile
 import time
@@ -490,6 +492,147 @@ async def test_a_reload_of_one_replica_changes_its_limit_and_the_shared_count_st
     finally:
         for proc in procs:
             await stop_process(proc)
+
+
+# --- how often Redis is called: counted by the server itself (MONITOR) --------------------------
+
+# A MONITOR line: +<time> [<db> <client address, or "lua" inside a script>] "<COMMAND>" "<arg>"...
+MONITOR_LINE = re.compile(rb'^\+[0-9.]+ \[\d+ ([^\]]+)\] "([^"]*)"(?: "([^"]*)")?')
+
+
+class RedisCommands:
+    """The commands clients send to a redis-server, as its MONITOR feed shows them in the order
+    it runs them (a script's own ``redis.call`` commands left out: they are not round trips).
+
+    ``since_last`` sends a marker (``ECHO``) on a connection of its own and returns what ran
+    before it: everything a finished exchange sent, without waiting for a quiet moment.
+    """
+
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self._marks = itertools.count(1)
+
+    async def start(self) -> RedisCommands:
+        self._feed = await asyncio.open_connection("127.0.0.1", self.server.port)
+        self._marker = await asyncio.open_connection("127.0.0.1", self.server.port)
+        host, port = self._marker[1].get_extra_info("sockname")[:2]
+        self._marker_address = f"{host}:{port}".encode()
+        self._feed[1].write(b"MONITOR\r\n")
+        assert await self._feed[0].readline() == b"+OK\r\n"
+        return self
+
+    async def close(self) -> None:
+        for _, writer in (self._feed, self._marker):
+            writer.close()
+
+    async def _next(self) -> tuple[bytes, bytes, bytes]:
+        """(client address, command, first argument) of the next line of the feed."""
+        line = await asyncio.wait_for(self._feed[0].readline(), WAIT)
+        match = MONITOR_LINE.match(line)
+        assert match is not None, line
+        address, command, first = match.groups()
+        return address, command.upper(), first or b""
+
+    async def wait_for(self, count: int) -> list[str]:
+        """The next ``count`` commands a client other than the marker sends (bounded wait)."""
+        seen: list[str] = []
+        while len(seen) < count:
+            address, command, _ = await self._next()
+            if address not in (b"lua", self._marker_address):
+                seen.append(command.decode())
+        return seen
+
+    async def since_last(self) -> list[str]:
+        """Every command clients sent since the previous call (or ``start``)."""
+        mark = f"mark-{next(self._marks)}".encode()
+        self._marker[1].write(b"*2\r\n$4\r\nECHO\r\n$%d\r\n%b\r\n" % (len(mark), mark))
+        assert await asyncio.wait_for(self._marker[0].readline(), WAIT) == b"$%d\r\n" % len(mark)
+        await self._marker[0].readline()
+        seen: list[str] = []
+        while True:
+            address, command, first = await self._next()
+            if address == self._marker_address and (command, first) == (b"ECHO", mark):
+                return seen
+            if address != b"lua":
+                seen.append(command.decode())
+
+
+@pytest.fixture
+async def redis_commands(redis_server: RedisServer) -> AsyncIterator[RedisCommands]:
+    commands = await RedisCommands(redis_server).start()
+    try:
+        yield commands
+    finally:
+        await commands.close()
+
+
+@pytest.mark.parametrize(
+    ("limits", "calls"),
+    [
+        ({"requests_per_minute": 100}, ["EVALSHA"]),
+        ({"tokens_per_minute": 10**6}, ["EVALSHA", "EVALSHA"]),
+        ({"tokens_per_day": 10**6}, ["EVALSHA", "EVALSHA"]),
+        ({"requests_per_minute": 100, "tokens_per_minute": 10**6}, ["EVALSHA", "EVALSHA"]),
+    ],
+    ids=["requests", "tokens_per_minute", "tokens_per_day", "both"],
+)
+@pytest.mark.usefixtures("script")
+async def test_redis_is_called_once_before_a_request_and_once_after_for_token_limits(
+    make_gateway: GatewayFactory,
+    redis_server: RedisServer,
+    redis_commands: RedisCommands,
+    http: aiohttp.ClientSession,
+    limits: dict[str, int],
+    calls: list[str],
+) -> None:
+    store = {"type": "redis", "url": redis_server.url}
+    edit = team(limits, store)
+
+    def with_carol_concurrency(config: dict[str, Any]) -> None:
+        edit(config)
+        config["listen"]["api_keys"][2]["max_concurrency"] = 2  # a limit Redis does not count
+
+    gw = await make_gateway(with_carol_concurrency)
+    assert (await post(http, gw.url, ALICE_KEY))[0] == 200  # connects, loads the scripts
+    await redis_commands.since_last()
+    for _ in range(3):
+        assert (await post(http, gw.url, ALICE_KEY))[0] == 200
+        assert await redis_commands.since_last() == calls, "one round trip each: admit, record"
+    for key in (BOB_KEY, CAROL_KEY):
+        assert (await post(http, gw.url, key))[0] == 200
+        assert await redis_commands.since_last() == [], "a key without counted limits: none"
+
+
+async def test_redis_is_never_called_while_a_stream_is_relayed(
+    make_gateway: GatewayFactory,
+    redis_server: RedisServer,
+    redis_commands: RedisCommands,
+    cloud: FakeCloud,
+    http: aiohttp.ClientSession,
+) -> None:
+    limits = {"requests_per_minute": 100, "tokens_per_minute": 10**6}
+    gw = await make_gateway(team(limits, {"type": "redis", "url": redis_server.url}))
+    assert (await post(http, gw.url, ALICE_KEY))[0] == 200  # connects, loads the scripts
+    await redis_commands.since_last()
+    cloud.modelarts.script.events = 50  # a second of events: the checks below fit in it
+    cloud.modelarts.script.interval = 0.02
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    received = b""
+    async with http.post(
+        gw.url + "/v1/chat/completions", json=body, headers=bearer(ALICE_KEY)
+    ) as resp:
+        assert resp.status == 200
+        received += await resp.content.readany()
+        assert await redis_commands.since_last() == ["EVALSHA"], "the admission, before it"
+        for _ in range(5):  # events keep coming: Redis hears nothing of them
+            received += await resp.content.readany()
+            assert b"[DONE]" not in received, "still relaying"
+            assert await redis_commands.since_last() == []
+        received += await resp.content.read()
+    assert received.endswith(b"data: [DONE]\n\n")
+    # the tokens are recorded once the relay is over (after the client has its last byte)
+    assert await redis_commands.wait_for(1) == ["EVALSHA"]
+    assert await redis_commands.since_last() == []
 
 
 # --- Redis going away mid-run ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import stat
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config.load import ConfigError, parse_settings
 from gateway.config.model import IamPasswordCredential
 from gateway.config.risks import start_up_risks
+from gateway.credentials import cache_file
 from gateway.server.supervisor import with_shared_cache
 from gateway.testing import FakeCloud
 
@@ -444,6 +446,117 @@ async def test_a_token_refused_upstream_is_never_adopted_back_from_the_shared_fi
             assert resp.status == 200  # 401, fresh token from IAM (not the file's), replayed
     assert cloud.iam.calls == 2
     assert cloud.modelarts.unauthorized == 1
+
+
+# --- the fetch lock beside a shared cache_file: a dead holder, a stuck one -------------------
+
+
+def lock_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+async def fetch_waiting(logs: pytest.LogCaptureFixture) -> bool:
+    """Whether the in-process gateway's fetch has found the lock held (its debug line)."""
+    return any("another process is fetching a token" in r.getMessage() for r in logs.records)
+
+
+async def chat_status(url: str) -> int:
+    """The status of one non-streaming completion through the gateway at ``url`` (bounded)."""
+    async with (
+        asyncio.timeout(WAIT),
+        aiohttp.ClientSession() as http,
+        http.post(url + "/v1/chat/completions", json=chat_body(False)) as resp,
+    ):
+        await resp.read()
+        return resp.status
+
+
+def held_over(logs: pytest.LogCaptureFixture) -> list[str]:
+    return [m for r in logs.records if "fetching anyway" in (m := r.getMessage())]
+
+
+async def test_a_holder_killed_mid_fetch_releases_the_lock_and_the_waiting_gateway_fetches(
+    cloud: FakeCloud,
+    make_gateway: GatewayFactory,
+    tmp_path: Path,
+    captured_logs: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "main.json"
+    config = base_config(cloud)
+    config["credentials"]["main"]["cache_file"] = str(path)
+    config["listen"]["port"] = free_port()
+    config_path = tmp_path / "holder.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    cloud.iam.delay = 3600.0  # the holder's IAM call never answers: it holds the lock
+    holder = await start_gateway_process("--config", str(config_path), env=dict(os.environ))
+    try:
+
+        async def holder_in_iam() -> bool:
+            # a request recorded is one sleeping in the fake (no await between the two)
+            return len(cloud.iam.requests) == 1
+
+        await until(holder_in_iam, "the holder called IAM")
+        cloud.iam.delay = 0.0
+        gw = await make_gateway(lambda c: c["credentials"]["main"].update(cache_file=str(path)))
+        await until(lambda: fetch_waiting(captured_logs), "the gateway waits for the lock")
+        assert cloud.iam.calls == 1, "the waiting gateway does not call IAM meanwhile"
+        holder.kill()  # SIGKILL mid-fetch: no cleanup runs, the kernel closes its descriptors
+        await holder.wait()
+        assert await chat_status(gw.url) == 200
+    finally:
+        await stop_process(holder)
+    assert cloud.iam.calls == 2, "the dead holder's unanswered call and the waiter's own"
+    assert not held_over(captured_logs), "the lock was released, not waited out"
+    assert (
+        json.loads(path.read_text())["token"]
+        == cloud.modelarts.requests[-1].headers["X-Auth-Token"]
+    ), "the waiter wrote the token it fetched"
+
+
+HOLD_FOREVER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes stdin or kills it
+"""
+
+
+def test_the_lock_wait_is_45_s_by_default() -> None:
+    assert cache_file.LOCK_WAIT == 45.0, "README: one stuck over 45 s is not waited for"
+
+
+async def test_a_holder_stuck_on_the_lock_is_not_waited_for_beyond_the_bound(
+    cloud: FakeCloud,
+    make_gateway: GatewayFactory,
+    tmp_path: Path,
+    captured_logs: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cache_file, "LOCK_WAIT", 0.3)  # the bound, lowered from 45 s
+    path = tmp_path / "main.json"
+    stuck = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLD_FOREVER,
+        str(lock_file(path)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert stuck.stdout is not None
+        assert await asyncio.wait_for(stuck.stdout.readline(), WAIT) == b"locked\n"
+        start = time.monotonic()
+        gw = await make_gateway(lambda c: c["credentials"]["main"].update(cache_file=str(path)))
+        assert await chat_status(gw.url) == 200
+        waited = time.monotonic() - start
+        assert stuck.returncode is None, "the holder still holds the lock"
+    finally:
+        await stop_process(stuck)
+    assert waited >= 0.3, "the lock was waited for, up to the bound"
+    assert cloud.iam.calls == 1, "the gateway made its own IAM call"
+    (warning,) = held_over(captured_logs)
+    assert "is held over 0.3 s" in warning
 
 
 # --- config and command line -----------------------------------------------------------------
