@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from bisect import bisect_left
 from collections.abc import Callable
 from time import monotonic
 from typing import Protocol
 
-from gateway.metrics import ChunkStats
+from gateway.metrics import GAP_BUCKETS, ChunkStats
 from gateway.proxy.usage import EVENT_ENDS, TAIL, USAGE_KEY, UsageTap
 
 HEARTBEAT = b": keep-alive\n\n"
@@ -210,6 +211,8 @@ class Relay:
         if self._reason or self._blocked:
             return
         source, sink, stats, tap = self._source, self._sink, self._stats, self._tap
+        # the gap histogram, inline (ChunkStats.gap): one call less per chunk
+        counts, bounds = stats.bucket_counts, GAP_BUCKETS
         # find(key, -TAIL) searches the last TAIL bytes (all of a shorter chunk)
         ends, usage_key, tail = EVENT_ENDS, USAGE_KEY, -TAIL
         while True:
@@ -220,7 +223,9 @@ class Relay:
                 return
             if chunk:
                 now = monotonic()
-                stats.gap(now - self._last)
+                gap = now - self._last
+                counts[bisect_left(bounds, gap)] += 1
+                stats.gap_sum += gap
                 self._last = now
                 # the usage watcher's test, inline: a method call would cost as much as the
                 # test itself (`in` on bytes first tries the needle as an int: find() is cheaper)
