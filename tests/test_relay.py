@@ -397,6 +397,26 @@ async def test_a_client_that_stops_reading_for_idle_is_client_gone() -> None:
     assert h.sink.aborted
 
 
+async def test_many_tiny_chunks_waiting_for_a_stalled_client_pause_the_upstream() -> None:
+    # the relayed reader keeps no chunk boundaries (gateway/_aiohttp.py, _RelayedReader): the
+    # upstream must still be paused by the number of chunks waiting, long before their bytes
+    # reach the reader's byte limit (128 KiB here), as aiohttp's own reader would
+    h = Harness(heartbeat=0)
+    await h.send(EVENT)
+    h.sink.block = True
+    h.source.feed_data(EVENT)  # into a full send buffer: the relay stops taking chunks
+    assert await h.sink.next() == EVENT
+    protocol = cast(_Protocol, h.source._protocol)
+    fed = 0
+    while not protocol._reading_paused and fed < 20_000:
+        h.source.feed_data(b"x")
+        fed += 1
+    assert protocol._reading_paused
+    assert fed <= h.source._high_water_chunks + 1
+    assert h.source._size < h.source._high_water
+    h.task.cancel()
+
+
 async def test_stop_from_outside_ends_with_its_reason() -> None:
     h = Harness(heartbeat=0)
     await h.send(EVENT)
