@@ -49,6 +49,9 @@ TESTED_RANGE = "3.13.4 to 3.14.5"
 # Below this size a chunk and its chunked-encoding frame are joined into one buffer (one copy is
 # cheaper than a scatter write); above it they go out as a list (aiohttp draws the same line).
 _JOIN_BELOW = 2048
+# the chunk-size lines of the joined sizes, made once: a table look-up and two concatenations
+# cost a third of a ``b"%x\r\n%b\r\n"`` format per chunk
+_SIZE_LINES = tuple(b"%x\r\n" % size for size in range(_JOIN_BELOW))
 
 
 def c_extensions_missing() -> str | None:
@@ -256,7 +259,7 @@ class ClientSink:
         if not self._chunked:
             transport.write(data)
         elif len(data) < _JOIN_BELOW:
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            transport.write(_SIZE_LINES[len(data)] + data + b"\r\n")
         else:
             transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         return self._protocol._paused
