@@ -22,7 +22,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway._aiohttp import finish, parse, response_parser
+from gateway._aiohttp import PARSED, finish, response_parser
 
 READ_BUFSIZE = 2**16
 # An idle connection is closed after this long (a timer, not only when the next request looks):
@@ -138,7 +138,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
             return
         try:
-            messages = parse(parser, data)
+            messages = parser.feed_data(data)[PARSED]  # gateway._aiohttp.parse, inline
         except Exception:
             self._fail(BadResponse("the upstream's answer could not be parsed"))
             return
