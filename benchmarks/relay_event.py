@@ -48,7 +48,9 @@ class Source:
     def __init__(self, chunks: list[bytes]) -> None:
         self.chunks = deque(chunks)
 
-    def take(self) -> bytes:
+    hooked = False
+
+    def take(self, waker: object) -> bytes:
         return self.chunks.popleft() if self.chunks else b""
 
     def settle(self, waker: object) -> bool | None:

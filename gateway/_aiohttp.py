@@ -344,7 +344,7 @@ class _RelayedReader(aiohttp.StreamReader):
 class ReaderSource:
     """An upstream body (aiohttp's ``StreamReader``) as the relay reads it."""
 
-    __slots__ = ("_notifier", "reader")
+    __slots__ = ("_notifier", "hooked", "reader")
 
     def __init__(self, reader: aiohttp.StreamReader) -> None:
         if type(reader) is aiohttp.StreamReader:  # not EMPTY_PAYLOAD, not a subclass
@@ -354,15 +354,18 @@ class ReaderSource:
         # so the relay needs no waiter: no future, no loop callback, one wake per read
         protocol = reader._protocol
         self._notifier: Any = protocol if getattr(protocol, "notifies_body", False) else None
+        self.hooked = False
 
-    def take(self) -> bytes:
+    def take(self, waker: Waker) -> bytes:
         """Everything buffered (b"" when empty), like ``read_nowait(-1)``; raises on failure.
 
         The common case, one whole chunk while the upstream is flowing, is taken straight off
         the reader's buffer: ``read_nowait`` would also call the protocol's ``resume_reading()``
         on every read, which re-runs the parser and the transport's resume, a few microseconds
-        per event for nothing. Any other case (partly read buffer, several chunks, a paused
-        upstream, an error) goes through ``read_nowait`` itself.
+        per event for nothing; and as that leaves nothing buffered in a body still running,
+        ``waker`` is hooked for what comes next (``hooked``: no ``settle`` call needed). Any
+        other case (partly read buffer, several chunks, a paused upstream, an error, the end)
+        goes through ``read_nowait`` itself, and ``settle`` decides.
         """
         source = self.reader
         buffer = source._buffer
@@ -370,8 +373,10 @@ class ReaderSource:
             len(buffer) != 1
             or source._buffer_offset
             or source._exception is not None
+            or source._eof
             or source._protocol._reading_paused
         ):
+            self.hooked = False
             return source.read_nowait(-1) if buffer or source._exception is not None else b""
         data = buffer.popleft()
         size = len(data)
@@ -380,6 +385,12 @@ class ReaderSource:
         splits = source._http_chunk_splits
         while splits and splits[0] < source._cursor:
             splits.popleft()
+        notifier = self._notifier
+        if notifier is not None:
+            notifier.on_body = waker.ready
+        else:
+            source._waiter = waker  # type: ignore[assignment]
+        self.hooked = True
         return data
 
     def settle(self, waker: Waker) -> bool | None:
@@ -396,9 +407,11 @@ class ReaderSource:
             notifier.on_body = waker.ready
         else:
             reader._waiter = waker  # type: ignore[assignment]
+        self.hooked = True
         return None
 
     def unhook(self, waker: Waker) -> None:
+        self.hooked = False
         notifier = self._notifier
         if notifier is not None and notifier.on_body is waker.ready:
             notifier.on_body = None

@@ -108,7 +108,11 @@ class _Wake:
 class Source(Protocol):
     """Where relayed bytes come from: the upstream response's body."""
 
-    def take(self) -> bytes:
+    hooked: bool
+    """Set by ``take`` when it took the last of what was buffered and has already arranged,
+    as ``settle`` would, for ``waker`` to be called when more comes."""
+
+    def take(self, waker: _Wake) -> bytes:
         """Everything buffered now (b"" when nothing is); raises if the upstream failed."""
 
     def settle(self, waker: _Wake) -> bool | None:
@@ -213,11 +217,12 @@ class Relay:
         source, sink, stats, tap = self._source, self._sink, self._stats, self._tap
         # the gap histogram, inline (ChunkStats.gap): one call less per chunk
         counts, bounds = stats.bucket_counts, GAP_BUCKETS
+        wake = self._wake
         # find(key, -TAIL) searches the last TAIL bytes (all of a shorter chunk)
         ends, usage_key, tail = EVENT_ENDS, USAGE_KEY, -TAIL
         while True:
             try:
-                chunk = source.take()
+                chunk = source.take(wake)
             except Exception:  # whatever the upstream connection failed with
                 self._upstream_failed()
                 return
@@ -250,9 +255,11 @@ class Relay:
                     self._blocked = True
                     self._drainer = self._loop.create_task(self._wait_for_client())
                     return
+            if source.hooked:  # take left nothing and hooked ``_wake``: the common case
+                return
             # one call instead of a take that finds nothing, at_eof and wake: the end, more
             # already here (take again), or nothing yet (``_wake`` is hooked)
-            ended = source.settle(self._wake)
+            ended = source.settle(wake)
             if ended is None:
                 return
             if ended:
