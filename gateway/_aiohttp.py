@@ -23,7 +23,15 @@ Tested on aiohttp 3.13.4 and 3.14.5, the two ends of the range ``pyproject.toml`
   no supported way to choose the protocol handler class (``Server`` builds ``RequestHandler``
   by name), so the server aiohttp made is given our subclass, keeping all its state;
 - ``http_parser.HttpResponseParser``: its constructor, ``feed_data``'s ``(messages, upgraded,
-  tail)`` return and ``feed_eof`` (:func:`response_parser`, :func:`parse`).
+  tail)`` return and ``feed_eof`` (:func:`response_parser`, :func:`parse`);
+- ``web_response.StreamResponse``/``Response``: ``prepare`` and ``write_eof`` overridden, and
+  their ``_status``, ``_reason``, ``_headers``, ``_body``, ``_keep_alive``, ``_eof_sent``,
+  ``_payload_writer``, ``_req``, ``_must_be_empty_body``, ``_body_length``, ``_compression``,
+  ``_cookies``, ``_chunked``, ``_zlib_executor_size`` and ``_zlib_executor``, and
+  ``StreamResponse.__init__``'s ``_real_headers``; ``request._payload_writer``,
+  ``Request._match_info`` and ``_prepare_hook``; ``http_writer._serialize_headers`` and
+  ``helpers.rfc822_formatted_time``
+  (:class:`WholeResponse`, which sends what aiohttp's own ``prepare`` would, in one write).
 
 This module imports nothing of the gateway, so everything else may import it.
 """
@@ -38,11 +46,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import aiohttp
-from aiohttp import http_parser, web
-from aiohttp.helpers import set_result
+from aiohttp import hdrs, http_parser, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import rfc822_formatted_time, set_result
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
+from multidict import CIMultiDict
 
 TESTED_RANGE = "3.13.4 to 3.14.5"
 
@@ -287,6 +299,123 @@ class ClientSink:
                 with contextlib.suppress(OSError):  # already gone: nothing to tell apart
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
+
+
+# --- the client side: a small answer in one write ---------------------------------------------
+
+# aiohttp's must_be_empty_body() is false for every answer the fast path takes: any other method
+# or status (HEAD, CONNECT, 1xx, 204, 304) goes through aiohttp's own prepare()
+_EMPTY_BODY_METHODS = frozenset((hdrs.METH_HEAD, hdrs.METH_CONNECT))
+# Response's default for a body compressed in one go (3.13: None, 3.14: a size)
+_ZLIB_EXECUTOR_SIZE: Any = (web.Response.__init__.__kwdefaults__ or {}).get("zlib_executor_size")
+
+
+class WholeResponse(web.Response):
+    """A ``web.Response`` whose status line, headers and body leave in one ``transport.write``.
+
+    aiohttp's ``prepare`` and ``write_eof`` take ~a dozen coroutines and calls per answer
+    (``_start`` twice, ``_prepare_headers``, ``_write_headers``, the writer's ``write_headers``,
+    ``write_eof`` three times, ``_send_headers_with_payload``, ``_writelines``, ``drain``).
+    This does the same work in one call: the same headers in the same order (Content-Length,
+    Content-Type's default, Date, Server, Connection from the response's or the request's
+    keep-alive and the HTTP version), the same serializer (which refuses the control characters
+    its aiohttp release refuses in a header: 3.14 more than 3.13), the ``on_response_prepare``
+    hook for routed requests, the same error when the client is gone, and the same wait in
+    ``write_eof`` while the client does not read (backpressure). Anything else (a body that
+    must be empty, compression, cookies, chunking, a preset Content-Length, a payload object,
+    an HTTP version other than 1.0 and 1.1) takes aiohttp's own path.
+    """
+
+    _whole = False  # sent by prepare(): write_eof() only waits for the client to read
+
+    def __init__(
+        self,
+        *,
+        status: int,
+        body: bytes,
+        headers: CIMultiDict[str],
+        reason: str | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        """``Response(status=, reason=, body=, headers=, content_type=)``, taking ``headers``
+        as its own instead of copying them (they must not be used elsewhere afterwards)."""
+        # Response.__init__ for a bytes body, less the copy of the headers and its checks
+        web.StreamResponse.__init__(self, status=status, reason=reason, _real_headers=headers)
+        if content_type is not None:
+            headers[hdrs.CONTENT_TYPE] = content_type
+        self._body = body
+        self._zlib_executor_size = _ZLIB_EXECUTOR_SIZE
+        self._zlib_executor = None
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        """Send the whole answer now (aiohttp's own ``prepare`` only for the cases above)."""
+        status = self._status
+        headers = self._headers
+        body = self._body
+        version = request.version
+        if (
+            self._payload_writer is not None
+            or self._eof_sent
+            or status < 200
+            or status == 204
+            or status == 304
+            or request.method in _EMPTY_BODY_METHODS
+            or not isinstance(body, (bytes, bytearray))
+            or (version != HttpVersion11 and version != HttpVersion10)
+            or self._compression
+            or self._chunked
+            or self._cookies
+            or hdrs.CONTENT_LENGTH in headers
+        ):
+            return await super().prepare(request)
+        self._must_be_empty_body = False
+        self._req = request
+        writer = self._payload_writer = request._payload_writer
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = self._keep_alive = request.keep_alive
+        # Response._start, then StreamResponse._prepare_headers, in their order
+        size = len(body)
+        headers[hdrs.CONTENT_LENGTH] = str(size)
+        if size:
+            headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
+        if hdrs.DATE not in headers:
+            headers[hdrs.DATE] = rfc822_formatted_time()
+        headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
+        if hdrs.CONNECTION not in headers:
+            if keep_alive:
+                if version == HttpVersion10:
+                    headers[hdrs.CONNECTION] = "keep-alive"
+            elif version == HttpVersion11:
+                headers[hdrs.CONNECTION] = "close"
+        if getattr(request, "_match_info", None) is not None:  # routed: on_response_prepare
+            await request._prepare_hook(self)
+        data = _serialize_headers(
+            f"HTTP/{version[0]}.{version[1]} {self._status} {self._reason}", headers
+        )
+        if body:
+            data += body
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+        transport.write(data)
+        writer.buffer_size += len(data)
+        writer.output_size += len(data)
+        self._whole = True
+        return writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        """Wait while the client is not reading; the bytes left in ``prepare``."""
+        if not self._whole or self._eof_sent:
+            return await super().write_eof(data)
+        writer = self._payload_writer
+        assert writer is not None
+        if self._req is not None and self._req.protocol.writing_paused:
+            await writer.drain()  # the client is not reading: wait, as aiohttp's write_eof does
+        self._eof_sent = True
+        self._req = None
+        self._body_length = writer.output_size
+        self._payload_writer = None
 
 
 # --- the body of an upstream response --------------------------------------------------------

@@ -34,6 +34,7 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    closes = False  # the connection cannot carry another request after this answer
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -93,6 +94,7 @@ class MethodNotAllowed(ClientError):
 class RequestTimeout(ClientError):
     status = 408
     code = "request_timeout"
+    closes = True  # part of the body may still come
 
 
 class HeadersTooLarge(ClientError):

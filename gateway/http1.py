@@ -23,6 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway._aiohttp import PARSED, finish, response_parser
+from gateway.deadlines import Deadlines
 
 READ_BUFSIZE = 2**16
 # An idle connection is closed after this long (a timer, not only when the next request looks):
@@ -224,9 +225,10 @@ class _Connection(asyncio.Protocol):
         return bool(poller.poll(0))
 
     async def exchange(
-        self, head: bytes, body: bytes, method: str
+        self, head: bytes, body: bytes, method: str, by: float | None = None
     ) -> tuple[Any, aiohttp.StreamReader]:
-        """Send one request; the response's message and body reader once its headers are in."""
+        """Send one request; the response's message and body reader once its headers are in
+        (TimeoutError if they are not in by loop time ``by``; the connection is then closed)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise NotSent("the connection closed before the request was written")
@@ -235,6 +237,8 @@ class _Connection(asyncio.Protocol):
         self.on_body = None
         self._should_close = False
         waiter = self._waiter = self._loop.create_future()
+        if by is not None:
+            self._pool.deadlines.add(waiter, by)
         transport.write(head + body if len(body) < 16384 else head)
         if len(body) >= 16384:
             transport.write(body)
@@ -296,6 +300,7 @@ class UpstreamClient:
         self._sweep: asyncio.TimerHandle | None = None  # the next idle expiry, if any
         # the pools the serving config uses and their keepalive (None: any pool, as asked)
         self._wanted: dict[ConnKey, float] | None = None
+        self._deadlines: Deadlines | None = None
 
     async def request(
         self,
@@ -306,8 +311,13 @@ class UpstreamClient:
         connect_timeout: float,
         pool: str = "",
         keepalive: float = KEEPALIVE,
+        first_byte: float = 0.0,
     ) -> UpstreamResponse:
         """Send a request and return once the response headers are in.
+
+        With ``first_byte`` (seconds), they must be in that long after this call, connecting
+        included, or TimeoutError is raised (``ConnectTimedOut`` when the connect timeout is
+        the shorter bound and runs out).
 
         Connections are pooled per ``pool`` (the gateway passes the route's name) and closed
         after ``keepalive`` seconds unused.
@@ -320,13 +330,14 @@ class UpstreamClient:
         """
         key = pool_key(pool, url)
         head = _request_head(method, url, headers, body)
+        by = self.loop.time() + first_byte if first_byte else None
         for attempt in (1, 2):
             conn = self._take(key)
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(key, connect_timeout, keepalive)
+                conn = await self._connect_by(key, connect_timeout, keepalive, by)
             try:
-                message, payload = await conn.exchange(head, body, method)
+                message, payload = await conn.exchange(head, body, method, by)
             except NotSent:
                 if attempt == 1:
                     continue
@@ -406,6 +417,14 @@ class UpstreamClient:
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
+    @property
+    def deadlines(self) -> Deadlines:
+        """The response-header deadlines of this client's requests, on one timer."""
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = Deadlines(self.loop)
+        return deadlines
+
     def give_back(self, conn: _Connection) -> None:
         wanted = self._wanted
         if wanted is not None:
@@ -459,6 +478,19 @@ class UpstreamClient:
         idle = self._idle.get(conn.key)
         if idle is not None and conn in idle:
             idle.remove(conn)
+
+    async def _connect_by(
+        self, key: ConnKey, connect_timeout: float, keepalive: float, by: float | None
+    ) -> _Connection:
+        """A new connection, also within the first-byte deadline ``by`` (TimeoutError)."""
+        if by is not None:
+            left = by - self.loop.time()
+            if left < connect_timeout:
+                try:
+                    return await self._connect(key, max(left, 0.0), keepalive)
+                except ConnectTimedOut:
+                    raise TimeoutError("the first-byte deadline passed while connecting") from None
+        return await self._connect(key, connect_timeout, keepalive)
 
     async def _connect(
         self, key: ConnKey, connect_timeout: float, keepalive: float = KEEPALIVE

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
-from typing import Any
 
 import pytest
 from yarl import URL
 
+from gateway.deadlines import Deadlines
 from gateway.errors import BadRequest
 from gateway.proxy import target as target_module
-from gateway.proxy.deadline import Deadline
 from gateway.proxy.target import REMEMBERED, Targets, UpstreamBase, parse_target
 from gateway.server import gc_tuning
 
@@ -76,50 +75,113 @@ def test_a_remembered_url_is_the_one_built_and_a_query_url_is_built_each_time() 
     assert "/v1/models" not in base._urls
 
 
-# --- Deadline: asyncio.timeout's semantics with the loop given (no getpid() per request) ----
+# --- Deadlines: futures failed at their deadlines, many on one timer ----------------------
 
 
-def deadline_of(kind: str, delay: float) -> Any:
-    if kind == "asyncio.timeout":
-        return asyncio.timeout(delay)
-    return Deadline(asyncio.get_running_loop(), delay)
-
-
-KINDS = ["asyncio.timeout", "Deadline"]
-
-
-@pytest.mark.parametrize("kind", KINDS)
-async def test_a_block_outlasting_its_deadline_raises_timeout_error(kind: str) -> None:
-    never = asyncio.get_running_loop().create_future()
+async def test_a_future_not_done_by_its_deadline_fails_with_timeout_error() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    waiter = loop.create_future()
+    start = loop.time()
+    deadlines.add(waiter, start + 0.05)
     with pytest.raises(TimeoutError):
-        async with deadline_of(kind, 0.01):
-            await never
-    await asyncio.sleep(0)  # no cancellation left pending on the task
-
-
-@pytest.mark.parametrize("kind", KINDS)
-async def test_a_block_done_in_time_leaves_nothing_behind(kind: str) -> None:
-    async with deadline_of(kind, 5):
-        await asyncio.sleep(0)
-    assert asyncio.current_task() is not None
+        await waiter
+    assert 0.045 <= loop.time() - start < 0.5
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
-    await asyncio.sleep(0.02)  # the timer was cancelled: nothing fires later
 
 
-@pytest.mark.parametrize("kind", KINDS)
-async def test_an_outside_cancellation_stays_a_cancellation(kind: str) -> None:
-    started = asyncio.Event()
+async def test_a_future_done_in_time_is_left_alone_and_dropped() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    waiter = loop.create_future()
+    deadlines.add(waiter, loop.time() + 0.01)
+    waiter.set_result("headers")
+    await asyncio.sleep(0.05)  # past the deadline: the timer fired and touched nothing
+    assert waiter.result() == "headers"
+    assert len(deadlines) == 0
 
-    async def client_call() -> None:
-        async with deadline_of(kind, 5):
-            started.set()
-            await asyncio.get_running_loop().create_future()
 
-    task = asyncio.create_task(client_call())
-    await started.wait()
-    task.cancel()  # the client went away: 499, not a 504
-    with pytest.raises(asyncio.CancelledError):
-        await task
+async def test_many_futures_on_one_timer_each_fail_at_their_own_deadline() -> None:
+    """Deadlines added in an order that is not theirs, with futures done early among them: each
+    late one fails at its deadline (not before, not at another's), each early one is kept."""
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    outcomes: dict[str, tuple[str, float]] = {}
+
+    async def wait(name: str, delay: float, done_after: float | None) -> None:
+        start = loop.time()
+        waiter: asyncio.Future[str] = loop.create_future()
+        deadlines.add(waiter, start + delay)
+        if done_after is not None:
+            loop.call_later(done_after, waiter.set_result, "ok")
+        try:
+            outcomes[name] = (await waiter, loop.time() - start)
+        except TimeoutError:
+            outcomes[name] = ("timeout", loop.time() - start)
+
+    plan = {
+        "late-0.30": (0.30, None),
+        "early-0.05-of-0.10": (0.10, 0.05),
+        "late-0.10": (0.10, None),
+        "late-0.20": (0.20, None),
+        "early-0.01-of-5": (5.0, 0.01),
+        "late-0.15": (0.15, None),
+    }
+    await asyncio.gather(*(wait(n, d, f) for n, (d, f) in plan.items()))
+    for name, (delay, done_after) in plan.items():
+        result, took = outcomes[name]
+        if done_after is None:
+            assert result == "timeout", name
+            assert delay - 0.005 <= took < delay + 0.25, (name, took)
+        else:
+            assert result == "ok", name
+
+
+async def test_futures_done_behind_a_waiting_one_do_not_pile_up() -> None:
+    """One future still waiting at the heap's top (the earliest deadline) and thousands of later
+    ones done in time: the done ones are dropped (the heap is rebuilt) instead of staying until
+    the waiting one ends."""
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    stuck = loop.create_future()
+    deadlines.add(stuck, loop.time() + 10)
+    for _ in range(5000):
+        waiter = loop.create_future()
+        deadlines.add(waiter, loop.time() + 30)
+        waiter.set_result(None)
+    assert len(deadlines) <= 600
+    stuck.cancel()
+
+
+async def test_a_deadline_added_after_an_earlier_one_was_met_still_fires() -> None:
+    """The timer is armed for the earliest deadline; when that future is done early the timer
+    stays, and on firing must re-arm for the next waiting one instead of forgetting it."""
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    early = loop.create_future()
+    deadlines.add(early, loop.time() + 0.02)
+    early.set_result(None)
+    late = loop.create_future()
+    start = loop.time()
+    deadlines.add(late, start + 0.1)
+    with pytest.raises(TimeoutError):
+        await late
+    assert 0.095 <= loop.time() - start < 0.5
+
+
+async def test_an_earlier_deadline_added_later_rearms_the_timer() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines(loop)
+    late = loop.create_future()
+    deadlines.add(late, loop.time() + 30)
+    soon = loop.create_future()
+    start = loop.time()
+    deadlines.add(soon, start + 0.05)
+    with pytest.raises(TimeoutError):
+        await soon
+    assert loop.time() - start < 0.5
+    assert not late.done()
+    late.cancel()
 
 
 def test_after_settle_startup_objects_are_frozen_and_cyclic_garbage_is_still_collected() -> None:

@@ -150,11 +150,11 @@ async def test_a_post_on_a_connection_reset_before_the_write_is_sent_once_on_a_n
 # --- upstream_connect_timeout ------------------------------------------------------------------
 
 
-async def test_an_upstream_that_never_accepts_gets_a_504_connect_timeout_on_time(
-    make_gateway: GatewayFactory, http: aiohttp.ClientSession
-) -> None:
-    # listen(0) admits one connection to the accept queue and none is ever accepted; later SYNs
-    # are dropped by the kernel, so a connect hangs, as with a blackholed address
+@contextlib.contextmanager
+def never_accepting() -> Any:
+    """The port of a listener whose connects hang: listen(0) admits one connection to the
+    accept queue and none is ever accepted; later SYNs are dropped by the kernel, as with a
+    blackholed address."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
@@ -167,6 +167,17 @@ async def test_an_upstream_that_never_accepts_gets_a_504_connect_timeout_on_time
             filler.connect(("127.0.0.1", port))
         fillers.append(filler)
     try:
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+async def test_an_upstream_that_never_accepts_gets_a_504_connect_timeout_on_time(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    with never_accepting() as port:
         gw = await make_gateway(raw_route(f"http://127.0.0.1:{port}", connect=0.3))
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -177,10 +188,25 @@ async def test_an_upstream_that_never_accepts_gets_a_504_connect_timeout_on_time
         assert error["code"] == "upstream_connect_timeout" and error["type"] == "timeout"
         assert error["message"] == "could not connect to the upstream within 0.3 s"
         assert 0.3 <= elapsed < 1.5
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
+
+
+async def test_a_first_byte_timeout_shorter_than_the_connect_timeout_bounds_the_connect_too(
+    make_gateway: GatewayFactory, http: aiohttp.ClientSession
+) -> None:
+    """``first_byte`` counts from the request's start, connecting included: with a connect
+    timeout of 5 s and a first-byte one of 0.3 s, a hanging connect ends at 0.3 s as a
+    first-byte timeout, not at 5 s."""
+    with never_accepting() as port:
+        gw = await make_gateway(raw_route(f"http://127.0.0.1:{port}", connect=5, first_byte=0.3))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with http.post(gw.url + "/v1/chat/completions", data=b"{}") as resp:
+            elapsed = loop.time() - start
+            assert resp.status == 504
+            error = (await resp.json())["error"]
+        assert error["code"] == "upstream_timeout", error
+        assert error["message"] == "the upstream sent no response headers within 0.3 s"
+        assert 0.3 <= elapsed < 1.5
 
 
 # --- an answer that is not HTTP -----------------------------------------------------------------

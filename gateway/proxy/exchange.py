@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway import log as gwlog
+from gateway._aiohttp import WholeResponse
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
@@ -52,14 +54,17 @@ class RequestIds:
 
 
 def error_response(err: GatewayError, rid: str) -> web.Response:
-    headers = {"X-Request-Id": rid}
+    """The JSON answer for ``err``, with its request id and, where it has one, when to retry
+    (Retry-After) or what is allowed (Allow)."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    headers["X-Request-Id"] = rid
     if isinstance(err, RateLimited):  # a key over its limit: when it admits again
         headers["Retry-After"] = str(err.retry_after)
     elif err.status in (429, 503):  # over a limit, draining, buffers full: soon, maybe elsewhere
         headers["Retry-After"] = "1"
     elif isinstance(err, MethodNotAllowed):
         headers["Allow"] = err.allow
-    return web.Response(
+    return WholeResponse(
         status=err.status, body=err.body(), content_type="application/json", headers=headers
     )
 

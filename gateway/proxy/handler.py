@@ -28,7 +28,6 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     HeadersTooLarge,
-    RequestTimeout,
     ServiceUnavailable,
     Unauthorized,
 )
@@ -119,7 +118,7 @@ class Proxy:
                 response = error_response(err, ex.rid)
                 if ex.cors_origin:
                     add_cors(response, ex.cors_origin)
-                if self.draining or ex.close or wants_continue(request):
+                if self.draining or ex.close or err.closes or wants_continue(request):
                     # a body promised after "100 Continue", never asked for, may still come
                     response.force_close()
             except asyncio.CancelledError:
@@ -216,13 +215,14 @@ class Proxy:
         if not group.needs_model and not restricted:
             route = group.routes[0]
             ex.route = route.name
-            body = await self._body(request, route.max_body, ex, held, rt)
+            body = await read_body(request, route.max_body, rt.settings.listen.body_timeout, held)
             if not _asks_usage(route, request.path):
                 return route, body
             return route, _edited(route, body, await sniff(body), None, ex, True)
         if len(group.routes) == 1:
             ex.route = group.routes[0].name
-        body = await self._body(request, max(r.max_body for r in group.routes), ex, held, rt)
+        max_body = max(r.max_body for r in group.routes)
+        body = await read_body(request, max_body, rt.settings.listen.body_timeout, held)
         info = await sniff(body)
         model = info.model
         if info.error is not None:
@@ -240,15 +240,6 @@ class Proxy:
         if len(body) > route.max_body:
             raise too_large(len(body), route.max_body)
         return route, _edited(route, body, info, model, ex, _asks_usage(route, request.path))
-
-    async def _body(
-        self, request: web.Request, max_body: int, ex: Exchange, held: Held, rt: Runtime
-    ) -> bytes:
-        try:
-            return await read_body(request, max_body, rt.settings.listen.body_timeout, held)
-        except RequestTimeout:
-            ex.close = True  # part of a body may still come: the connection cannot be reused
-            raise
 
     async def _forward(
         self,

@@ -59,25 +59,60 @@ DROP_RESPONSE = HOP_BY_HOP | RESPONSE_CREDENTIALS | frozenset(("content-length",
 FORWARDING = frozenset(("forwarded", "via", "x-real-ip"))
 
 
-def _without(
-    headers: CIMultiDictProxy[str], drop: frozenset[str], *, forwarding: bool = False
-) -> CIMultiDict[str]:
-    """``headers`` minus ``drop`` and minus every header named in Connection (RFC 9110 §7.6.1);
-    with ``forwarding``, minus the forwarding headers too (in the same pass)."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", ())
-        for token in value.split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+# What a header name is to a filter, decided once per spelling (clients and upstreams send the
+# same few spellings on every request; lower-casing each name and testing it against the sets
+# costs more than the rest of the filter). Bounded: names are the peer's choice.
+_KEEP, _DROP, _FORWARDING, _CONNECTION = 0, 1, 2, 3
+_FATES_KEPT = 4096
+
+
+class _Fates:
+    """Each header name spelling's fate under one direction's ``drop`` set."""
+
+    __slots__ = ("_drop", "seen")
+
+    def __init__(self, drop: frozenset[str]) -> None:
+        self._drop = drop
+        self.seen: dict[str, int] = {}  # read by the filter itself: a call per name costs
+
+    def learn(self, name: str) -> int:
         low = name.lower()
-        if low in drop or low in named:
-            continue
-        if forwarding and (low in FORWARDING or low.startswith("x-forwarded-")):
-            continue
-        out.add(name, value)
-    return out
+        if low == "connection":
+            fate = _CONNECTION
+        elif low in self._drop:
+            fate = _DROP
+        elif low in FORWARDING or low.startswith("x-forwarded-"):
+            fate = _FORWARDING
+        else:
+            fate = _KEEP
+        if len(self.seen) >= _FATES_KEPT:
+            self.seen.clear()
+        self.seen[name] = fate
+        return fate
+
+
+def _without(
+    headers: CIMultiDictProxy[str], fates: _Fates, *, forwarding: bool = False
+) -> CIMultiDict[str]:
+    """``headers`` minus ``fates``' drop set and minus every header named in Connection (RFC
+    9110 §7.6.1); with ``forwarding``, minus the forwarding headers too (in the same pass)."""
+    kept: list[tuple[str, str]] = []
+    connection: list[str] | None = None
+    seen = fates.seen
+    for name, value in headers.items():
+        fate = seen.get(name)
+        if fate is None:
+            fate = fates.learn(name)
+        if fate == _KEEP or (fate == _FORWARDING and not forwarding):
+            kept.append((name, value))
+        elif fate == _CONNECTION:
+            if connection is None:
+                connection = []
+            connection.append(value)
+    if connection is not None:
+        named = {token.strip().lower() for value in connection for token in value.split(",")}
+        kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return CIMultiDict(kept)
 
 
 # What the client library would add where the client sent nothing. aiohttp adds
@@ -108,7 +143,7 @@ def upstream_request_headers(
     """The client's headers minus credentials, hop-by-hop and framing headers; minus
     forwarding headers unless trusted; minus any header holding one of ``keys`` (the digests
     of ``listen.api_keys``), whatever its name."""
-    out = _without(client, DROP_REQUEST, forwarding=not trust_forwarded)
+    out = _without(client, _REQUEST_FATES, forwarding=not trust_forwarded)
     if keys:
         for name in list(out.keys()):
             if any(holds_key(v, keys) for v in out.getall(name)):
@@ -121,4 +156,8 @@ def upstream_request_headers(
 
 def client_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers minus hop-by-hop and framing headers."""
-    return _without(upstream, DROP_RESPONSE)
+    return _without(upstream, _RESPONSE_FATES)
+
+
+_REQUEST_FATES = _Fates(DROP_REQUEST)
+_RESPONSE_FATES = _Fates(DROP_RESPONSE)

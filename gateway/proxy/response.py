@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.streams import EMPTY_PAYLOAD
 
-from gateway._aiohttp import ClientSink, ReaderSource
+from gateway._aiohttp import ClientSink, ReaderSource, WholeResponse
 from gateway.config.model import Route
 from gateway.errors import (
     GatewayError,
@@ -143,7 +143,7 @@ async def whole(
         body = err.body()
         if err.request_id is not None:
             headers["X-Upstream-Request-Id"] = ex.upstream_request_id = err.request_id
-    response = web.Response(
+    response = WholeResponse(
         status=upstream.status, reason=upstream.reason, body=body, headers=headers
     )
     if ex.cors_origin:

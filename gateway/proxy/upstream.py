@@ -29,7 +29,6 @@ from gateway.http1 import (
     UpstreamClient,
     UpstreamResponse,
 )
-from gateway.proxy.deadline import Deadline
 from gateway.proxy.response import MAX_SMALL_BODY
 
 log = logging.getLogger("gateway.upstream")
@@ -103,16 +102,16 @@ async def _attempt(
     if wait <= 0:
         raise UpstreamTimeout("the request used up its total time", code="upstream_total_timeout")
     try:
-        async with Deadline(client.loop, wait):  # asyncio.timeout(wait), fewer system calls
-            return await client.request(
-                outgoing.method,
-                outgoing.url,
-                outgoing.headers,
-                outgoing.body,
-                t.connect,
-                pool=route.name,
-                keepalive=t.pool_idle,
-            )
+        return await client.request(
+            outgoing.method,
+            outgoing.url,
+            outgoing.headers,
+            outgoing.body,
+            t.connect,
+            pool=route.name,
+            keepalive=t.pool_idle,
+            first_byte=wait,
+        )
     except ConnectTimedOut:
         raise UpstreamTimeout(
             f"could not connect to the upstream within {t.connect:g} s",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -92,7 +93,8 @@ class _ProxyOnly:
     """
 
     def __init__(self, proxy: Proxy) -> None:
-        self.handle = proxy.handle
+        # proxy.handle without its own coroutine layer (one less per request)
+        self.handle = functools.partial(proxy.serve, answer=proxy.proxy)
 
     @staticmethod
     def wants(request: web.BaseRequest) -> bool:
