@@ -103,12 +103,14 @@ def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> 
     """Metrics and the access-log line for one finished request."""
     duration = now - ex.start
     m = metrics
-    status = str(ex.status)
-    m.child(m.requests, ex.route, status).inc()
     if ex.route != "-":
-        m.child(m.duration, ex.route).observe(duration)
+        series = m.route(ex.route)
+        series.requests(ex.status).inc()
+        series.duration.observe(duration)
+    else:
+        m.child(m.requests, "-", str(ex.status)).inc()
     if ex.key != "-":
-        m.child(m.key_requests, ex.key, status).inc()
+        m.child(m.key_requests, ex.key, str(ex.status)).inc()
     usage = ex.usage
     if ex.route != "-" and usage.known:
         if usage.prompt:

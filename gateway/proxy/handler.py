@@ -268,7 +268,7 @@ class Proxy:
         )
         try:
             ex.ttfb = monotonic() - ex.start
-            self.metrics.child(self.metrics.ttfb, route.name).observe(ex.ttfb)
+            self.metrics.route(route.name).ttfb.observe(ex.ttfb)
             ex.status = upstream.status
             response: web.StreamResponse
             if is_small(upstream):

@@ -129,10 +129,11 @@ async def whole(
     body = await read_small_body(upstream, route, deadline)
     if _readable(upstream):
         from_json(body, ex.usage)
-    metrics.chunk_stats(route.name).bytes += len(body)
+    series = metrics.route(route.name)
+    series.chunks.bytes += len(body)
     ex.bytes = len(body)
     ex.end = "done"
-    metrics.child(metrics.stream_end, route.name, "done").inc()
+    series.done.inc()
     headers = client_response_headers(upstream.headers)
     headers["X-Request-Id"] = ex.rid
     err = None
