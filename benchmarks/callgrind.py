@@ -92,7 +92,12 @@ def measure(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default="S3", choices=sorted(SCENARIOS))
+    parser.add_argument(
+        "--scenario",
+        default="S3",
+        type=lambda key: {k.lower(): k for k in SCENARIOS}.get(key.lower(), key),
+        choices=sorted(SCENARIOS),
+    )
     parser.add_argument("--out", type=Path, default=HERE / "out" / "callgrind")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(

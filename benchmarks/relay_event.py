@@ -48,24 +48,20 @@ class Source:
     def __init__(self, chunks: list[bytes]) -> None:
         self.chunks = deque(chunks)
 
-    def take(self) -> bytes:
+    hooked = False
+
+    def take(self, waker: object) -> bytes:
         return self.chunks.popleft() if self.chunks else b""
 
-    def at_eof(self) -> bool:
+    def settle(self, waker: object) -> bool | None:
         return not self.chunks
-
-    def wake(self, waker: object) -> None:
-        pass
 
     def unhook(self, waker: object) -> None:
         pass
 
 
 class Sink:
-    def write(self, data: bytes) -> None:
-        pass
-
-    def paused(self) -> bool:
+    def write(self, data: bytes) -> bool:
         return False
 
     async def drain(self) -> None:

@@ -26,6 +26,7 @@ RATIO_FIGURES = (
     ("S1", "proxy CPU per event", "proxy_cpu_us_per_unit", "µs"),
     ("S2", "proxy CPU per event", "proxy_cpu_us_per_unit", "µs"),
     ("S2", "added delay p99 vs direct", "added_p99_ms", "ms"),
+    ("S2b", "proxy CPU per event", "proxy_cpu_us_per_unit", "µs"),
     ("S3", "proxy CPU per request", "proxy_cpu_us_per_unit", "µs"),
     ("S4", "proxy CPU per 64 KiB event", "proxy_cpu_us_per_unit", "µs"),
     ("S4", "peak RSS growth", "rss_peak_growth_mb", "MB"),

@@ -1,4 +1,4 @@
-"""Measure the relay side by side: direct, the gateway, nginx and the floor, five scenarios.
+"""Measure the relay side by side: direct, the gateway, nginx and the floor, six scenarios.
 
     python benchmarks/run.py [--quick] [--scenarios S1,S2] [--targets direct,gateway,nginx,floor]
 
@@ -67,6 +67,13 @@ SCENARIOS = {
             "S2",
             "100 streams x 200 events every 20 ms (LLM pacing)",
             Spec("stream", streams=100, events=200, interval_ms=20, size=200, deadline_s=60),
+            {"events": 20, "deadline_s": 20},
+            "event",
+        ),
+        Scenario(
+            "S2b",
+            "10 streams x 200 events every 20 ms (S2 with a tenth of the streams)",
+            Spec("stream", streams=10, events=200, interval_ms=20, size=200, deadline_s=60),
             {"events": 20, "deadline_s": 20},
             "event",
         ),
@@ -286,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also put the table and chart into benchmarks/README.md and append to RESULTS.md",
     )
     args = parser.parse_args(argv)
-    chosen = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
+    by_lower = {key.lower(): key for key in SCENARIOS}  # "s2b" and "S2B" name S2b
+    chosen = [by_lower.get(s.strip().lower(), s.strip()) for s in args.scenarios.split(",")]
+    chosen = [key for key in chosen if key]
     wanted = [t.strip().lower() for t in args.targets.split(",") if t.strip()]
     for key in chosen:
         if key not in SCENARIOS:

@@ -16,14 +16,14 @@ import re
 import select
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway._aiohttp import finish, parse, response_parser
+from gateway._aiohttp import PARSED, finish, response_parser
 from gateway.deadlines import Deadlines
 
 READ_BUFSIZE = 2**16
@@ -106,7 +106,16 @@ class UpstreamResponse:
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection; the StreamReader's flow control drives its reading."""
+    """One keep-alive connection; the StreamReader's flow control drives its reading.
+
+    A reader of its bodies may ask to be told of new bytes through ``on_body`` instead of its
+    ``StreamReader``'s waiter (``notifies_body``): called once, with no argument, after a
+    received read has been parsed whole, or the body ended or failed, as a waiter would be
+    woken but without a future, a loop callback or one wake-up per chunk of the read.
+    """
+
+    notifies_body = True
+    on_body: Callable[[], None] | None = None
 
     def __init__(self, pool: UpstreamClient, key: ConnKey, keepalive: float) -> None:
         self._pool = pool
@@ -136,7 +145,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
             return
         try:
-            messages = parse(parser, data)
+            messages = parser.feed_data(data)[PARSED]  # gateway._aiohttp.parse, inline
         except Exception:
             self._fail(BadResponse("the upstream's answer could not be parsed"))
             return
@@ -158,6 +167,10 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
             if waiter is not None and not waiter.done():
                 waiter.set_result((message, payload))
+        notify = self.on_body
+        if notify is not None:
+            self.on_body = None
+            notify()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -181,6 +194,7 @@ class _Connection(asyncio.Protocol):
         self._waiter = None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ClosedBeforeResponse("closed before answering"))
+        self._notify()
 
     # --- what aiohttp's StreamReader expects of its protocol: liveness and flow control ------
 
@@ -231,6 +245,7 @@ class _Connection(asyncio.Protocol):
             raise NotSent("the connection closed before the request was written")
         self._parser = response_parser(self, method, READ_BUFSIZE, self._loop)
         self._payload = None
+        self.on_body = None
         self._should_close = False
         waiter = self._waiter = self._loop.create_future()
         entry = self._pool.deadlines.add(waiter, by) if by is not None else None
@@ -258,6 +273,7 @@ class _Connection(asyncio.Protocol):
 
     def finished(self, reusable: bool) -> None:
         """The response is done with: back to the pool, or closed."""
+        self.on_body = None  # whoever read the body is done with it
         if reusable and not self._should_close and self.usable:
             self._parser = None
             self._payload = None
@@ -277,7 +293,14 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(exc)
         elif self._payload is not None and not self._payload.is_eof():
             self._payload.set_exception(aiohttp.ClientPayloadError(str(exc)))
+            self._notify()
         self.close()
+
+    def _notify(self) -> None:
+        notify = self.on_body
+        if notify is not None:
+            self.on_body = None
+            notify()
 
 
 class UpstreamClient:
@@ -518,15 +541,22 @@ def _expiry(conn: _Connection) -> float:
 
 
 def _request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> bytes:
-    """Request line and headers; Host and Content-Length are the client's own business here."""
-    lines = [f"{method} {url.raw_path_qs} HTTP/1.1"]
+    """Request line and headers; Host and Content-Length are the client's own business here.
+
+    The values are checked for line breaks all at once and the lines joined in C (``": ".join``
+    over the items); only values that hold a break are searched for the header to name.
+    """
+    values = "".join(headers.values())
+    if "\n" in values or "\r" in values:
+        for name, value in headers.items():
+            if "\n" in value or "\r" in value:
+                raise BadHeader(f"the value of header {name!r} contains a line break")
+    lines = "\r\n".join(map(": ".join, headers.items()))
+    head = f"{method} {url.raw_path_qs} HTTP/1.1\r\n"
     if "Host" not in headers:
-        lines.append(f"Host: {url.host_port_subcomponent}")
-    for name, value in headers.items():
-        if "\n" in value or "\r" in value:
-            raise BadHeader(f"the value of header {name!r} contains a line break")
-        lines.append(f"{name}: {value}")
+        head += f"Host: {url.host_port_subcomponent}\r\n"
+    if lines:
+        head += lines + "\r\n"
     if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body)}")
-    lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+        head += f"Content-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode("utf-8", "surrogateescape")

@@ -80,18 +80,22 @@ STREAM_END_REASONS = (
 class ChunkStats:
     """Per-route hot-path accumulators; plain attributes, updated without locks on the loop."""
 
-    __slots__ = ("bucket_counts", "bytes", "gap_count", "gap_sum")
+    __slots__ = ("bucket_counts", "bytes", "gap_sum")
 
     def __init__(self) -> None:
         self.bytes = 0
-        self.gap_count = 0
         self.gap_sum = 0.0
         # one slot per bucket bound plus +Inf; counts are per slot, made cumulative at scrape
         self.bucket_counts = [0] * (len(GAP_BUCKETS) + 1)
 
+    @property
+    def gap_count(self) -> int:
+        """Gaps counted: the histogram's count, summed at scrape rather than kept per chunk."""
+        return sum(self.bucket_counts)
+
     def gap(self, seconds: float) -> None:
+        """Count one gap (the relay does the same inline, GAP_BUCKETS and bucket_counts)."""
         self.bucket_counts[bisect_left(GAP_BUCKETS, seconds)] += 1
-        self.gap_count += 1
         self.gap_sum += seconds
 
 

@@ -53,13 +53,11 @@ class Sink:
         self.fail: BaseException | None = None
         self.block = False
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes) -> bool:
         if self.fail is not None:
             raise self.fail
         self.writes.append(chunk)
         self.queue.put_nowait(chunk)
-
-    def paused(self) -> bool:
         return self.block  # a client that stopped reading: its send buffer stays full
 
     async def drain(self) -> None:
@@ -397,6 +395,26 @@ async def test_a_client_that_stops_reading_for_idle_is_client_gone() -> None:
     # towards a client that is not reading, and its connection is closed
     assert h.sink.writes == [EVENT, EVENT]
     assert h.sink.aborted
+
+
+async def test_many_tiny_chunks_waiting_for_a_stalled_client_pause_the_upstream() -> None:
+    # the relayed reader keeps no chunk boundaries (gateway/_aiohttp.py, _RelayedReader): the
+    # upstream must still be paused by the number of chunks waiting, long before their bytes
+    # reach the reader's byte limit (128 KiB here), as aiohttp's own reader would
+    h = Harness(heartbeat=0)
+    await h.send(EVENT)
+    h.sink.block = True
+    h.source.feed_data(EVENT)  # into a full send buffer: the relay stops taking chunks
+    assert await h.sink.next() == EVENT
+    protocol = cast(_Protocol, h.source._protocol)
+    fed = 0
+    while not protocol._reading_paused and fed < 20_000:
+        h.source.feed_data(b"x")
+        fed += 1
+    assert protocol._reading_paused
+    assert fed <= h.source._high_water_chunks + 1
+    assert h.source._size < h.source._high_water
+    h.task.cancel()
 
 
 async def test_stop_from_outside_ends_with_its_reason() -> None:

@@ -16,6 +16,7 @@ from conftest import GatewayFactory, free_port
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway import http1
 from gateway.http1 import BadHeader, ConnectFailed, UpstreamClient
 from gateway.testing import serve_on_loopback
 
@@ -219,3 +220,37 @@ async def test_https_upstream_with_certificate_verification(
         assert len(set(upstream.peers)) == 1
     finally:
         await runner.cleanup()
+
+
+def _reference_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> bytes:
+    """The request head as the client built it line by line before it was joined in C."""
+    lines = [f"{method} {url.raw_path_qs} HTTP/1.1"]
+    if "Host" not in headers:
+        lines.append(f"Host: {url.host_port_subcomponent}")
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}")
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "DELETE"])
+@pytest.mark.parametrize("body", [b"", b'{"a":1}'])
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [],
+        [("X-Auth-Token", "t")],
+        [("Host", "other.example:8443"), ("A", "1"), ("a", "2"), ("Empty", "")],
+        [("X-Caf\u00e9", "v\u00e9"), ("X-Raw", "\udcff"), ("Accept", "*/*")],
+    ],
+)
+def test_the_request_head_is_byte_for_byte_what_the_line_by_line_build_gave(
+    method: str, body: bytes, pairs: list[tuple[str, str]]
+) -> None:
+    url = URL("https://svc.example.com:8443/v1/infers/x/v1/chat?y=1")
+    headers = CIMultiDict(pairs)
+    assert http1._request_head(method, url, headers, body) == _reference_head(
+        method, url, headers, body
+    )

@@ -3,7 +3,10 @@
 The copy is driven by the upstream connection's ``data_received``: aiohttp's parser hands each
 body chunk to the response's ``StreamReader``, which wakes its waiter; the relay installs itself
 as that waiter, so the chunk goes to the client's transport from one plain callback, with no
-task switch, no future and no timer per chunk. When the client's socket buffer fills, the relay
+task switch, no future and no timer per chunk. The gateway's own upstream connection
+(gateway/http1.py) does better still: it calls the relay's pump itself once a read has been
+parsed whole (the waiter's loop callback and its wake-ups are skipped; the chunks of one read
+still go out in one write). When the client's socket buffer fills, the relay
 stops taking chunks; the reader's buffer then fills and aiohttp pauses the upstream socket, so
 memory stays bounded however fast the upstream and however slow the client.
 
@@ -25,11 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from bisect import bisect_left
 from collections.abc import Callable
 from time import monotonic
 from typing import Protocol
 
-from gateway.metrics import ChunkStats
+from gateway.metrics import GAP_BUCKETS, ChunkStats
 from gateway.proxy.usage import EVENT_ENDS, TAIL, USAGE_KEY, UsageTap
 
 HEARTBEAT = b": keep-alive\n\n"
@@ -61,11 +65,9 @@ def ends_event(prev: bytes, tail: bytes) -> bool:
 class Sink(Protocol):
     """Where relayed bytes go: the client's connection."""
 
-    def write(self, data: bytes) -> None:
-        """Send now, without waiting; raise OSError if the client is gone."""
-
-    def paused(self) -> bool:
-        """True while the client's send buffer is full."""
+    def write(self, data: bytes) -> bool:
+        """Send now, without waiting; raise OSError if the client is gone. True when the
+        client's send buffer is full now (one call per chunk tells both)."""
 
     async def drain(self) -> None:
         """Wait until the client's send buffer has room again."""
@@ -83,12 +85,15 @@ class _Wake:
     upstream protocol, which re-enters the parser.
     """
 
-    __slots__ = ("_call_soon", "_failed", "_pump")
+    __slots__ = ("_call_soon", "_failed", "_pump", "ready")
 
     def __init__(self, relay: Relay) -> None:
         self._call_soon = relay._loop.call_soon
         self._pump = relay._pump
         self._failed = relay._upstream_failed
+        # what a source that is told of new bytes after they are parsed calls: the pump itself
+        # (one object, so that ``unhook`` can tell it is still ours)
+        self.ready = relay._pump
 
     def done(self) -> bool:
         return False
@@ -103,14 +108,18 @@ class _Wake:
 class Source(Protocol):
     """Where relayed bytes come from: the upstream response's body."""
 
-    def take(self) -> bytes:
+    hooked: bool
+    """Set by ``take`` when it took the last of what was buffered and has already arranged,
+    as ``settle`` would, for ``waker`` to be called when more comes."""
+
+    def take(self, waker: _Wake) -> bytes:
         """Everything buffered now (b"" when nothing is); raises if the upstream failed."""
 
-    def at_eof(self) -> bool:
-        """True once the whole body has been taken."""
-
-    def wake(self, waker: _Wake) -> None:
-        """Call ``waker.set_result`` (data) or ``waker.set_exception`` (failure) when it comes."""
+    def settle(self, waker: _Wake) -> bool | None:
+        """After a take: True when the whole body has been taken, False when more is here
+        already (or a failure: take again), else None, having arranged to call
+        ``waker.set_result`` (data) or ``waker.set_exception`` (failure) when it comes, or
+        ``waker.ready()`` for either once the bytes of a read are all in."""
 
     def unhook(self, waker: _Wake) -> None:
         """Stop calling ``waker``."""
@@ -206,63 +215,73 @@ class Relay:
         if self._reason or self._blocked:
             return
         source, sink, stats, tap = self._source, self._sink, self._stats, self._tap
+        # the gap histogram, inline (ChunkStats.gap): one call less per chunk
+        counts, bounds = stats.bucket_counts, GAP_BUCKETS
+        wake = self._wake
         # find(key, -TAIL) searches the last TAIL bytes (all of a shorter chunk)
         ends, usage_key, tail = EVENT_ENDS, USAGE_KEY, -TAIL
         while True:
             try:
-                chunk = source.take()
+                chunk = source.take(wake)
             except Exception:  # whatever the upstream connection failed with
                 self._upstream_failed()
                 return
-            if not chunk:
-                break
-            now = monotonic()
-            stats.gap(now - self._last)
-            self._last = now
-            # the usage watcher's test, inline: a method call would cost as much as the test
-            # itself (`in` on bytes first tries the needle as an int: find() is cheaper)
-            if tap is not None and (
-                tap.pending or not chunk.endswith(ends) or chunk.find(usage_key, tail) >= 0
-            ):
-                chunk = tap.feed(chunk)  # usage read; hidden or held back when it is ours
-                if not chunk:
-                    continue
-            size = len(chunk)
-            stats.bytes += size
-            self.bytes += size
-            if size >= 4:
-                self._prev, self._tail = self._tail, chunk
-            else:  # a tiny chunk: kept with the end of the last, so 4 adjacent bytes are known
-                self._tail = self._tail[-4:] + chunk
-            try:
-                sink.write(chunk)
-            except OSError:
-                self._finish("client_gone")
-                return
-            if sink.paused():
-                self._blocked = True
-                self._drainer = self._loop.create_task(self._wait_for_client())
-                return
-        if source.at_eof():
-            rest = tap.finish(self._prev[-3:] + self._tail) if tap and tap.pending else b""
-            if rest:
+            if chunk:
+                now = monotonic()
+                gap = now - self._last
+                counts[bisect_left(bounds, gap)] += 1
+                stats.gap_sum += gap
+                self._last = now
+                # the usage watcher's test, inline: a method call would cost as much as the
+                # test itself (`in` on bytes first tries the needle as an int: find() is cheaper)
+                if tap is not None and (
+                    tap.pending or not chunk.endswith(ends) or chunk.find(usage_key, tail) >= 0
+                ):
+                    chunk = tap.feed(chunk)  # usage read; hidden or held back when it is ours
+            if chunk:
+                size = len(chunk)
+                stats.bytes += size
+                self.bytes += size
+                if size >= 4:
+                    self._prev, self._tail = self._tail, chunk
+                else:  # a tiny chunk: kept with the end of the last, so 4 adjacent bytes known
+                    self._tail = self._tail[-4:] + chunk
                 try:
-                    sink.write(rest)
+                    full = sink.write(chunk)
                 except OSError:
                     self._finish("client_gone")
                     return
-                stats.bytes += len(rest)
-                self.bytes += len(rest)
-                self._prev, self._tail = self._tail, rest
-            if self._sse and (not self.at_boundary or rest is None):
-                # a body that ends inside an event (a close-delimited one cut by a FIN, or one
-                # whose upstream just stopped there) is reported as the cut it is
-                self._sink.abort()
-                self._finish("upstream_error")
+                if full:
+                    self._blocked = True
+                    self._drainer = self._loop.create_task(self._wait_for_client())
+                    return
+            if source.hooked:  # take left nothing and hooked ``_wake``: the common case
                 return
-            self._finish("done")
-        else:
-            source.wake(self._wake)
+            # one call instead of a take that finds nothing, at_eof and wake: the end, more
+            # already here (take again), or nothing yet (``_wake`` is hooked)
+            ended = source.settle(wake)
+            if ended is None:
+                return
+            if ended:
+                break
+        # the whole body is in and taken
+        rest = tap.finish(self._prev[-3:] + self._tail) if tap and tap.pending else b""
+        if rest:
+            try:
+                sink.write(rest)
+            except OSError:
+                self._finish("client_gone")
+                return
+            stats.bytes += len(rest)
+            self.bytes += len(rest)
+            self._prev, self._tail = self._tail, rest
+        if self._sse and (not self.at_boundary or rest is None):
+            # a body that ends inside an event (a close-delimited one cut by a FIN, or one
+            # whose upstream just stopped there) is reported as the cut it is
+            self._sink.abort()
+            self._finish("upstream_error")
+            return
+        self._finish("done")
 
     async def _wait_for_client(self) -> None:
         try:
