@@ -534,3 +534,31 @@ async def test_headers_over_max_header_bytes_get_431_and_go_nowhere(
     answer = await raw_exchange(gw.url, post(gw, **fewer))
     assert answer is not None and answer.status == 200
     assert len(recording.received) == 1
+
+
+@pytest.mark.parametrize("form", ["POST", "GET", "POST 1.0 keep-alive"])
+async def test_after_a_408_the_connection_carries_no_other_request(
+    start: Start, recording: RecordingUpstream, form: str
+) -> None:
+    """The 408's close is the error's own (``GatewayError.closes``) on every path: the direct
+    one (a POST), the router's (a GET with a body) and an HTTP/1.0 keep-alive client. The rest
+    of the late body then comes with a second request behind it: the connection ends with no
+    answer to it (a connection kept would answer it, reading the late body as its start)."""
+    gw = await start(body_timeout="300ms")
+    data = head_only(gw, 100, Connection="keep-alive")
+    if form == "GET":
+        data = data.replace(b"POST ", b"GET ", 1)
+    elif form.endswith("1.0 keep-alive"):
+        data = data.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    reader, writer = await open_raw(gw.url)
+    try:
+        await write_raw(writer, data)
+        answer = await read_answer(reader)
+        assert error_of(answer) == (408, "request_timeout")
+        assert answer is not None
+        assert answer.headers.get("Connection", "close").lower() == "close"
+        await write_raw(writer, b"x" * 100 + post(gw))
+        assert await closed_within(reader) < RAW_WAIT
+    finally:
+        writer.close()
+    assert recording.received == []
