@@ -47,6 +47,11 @@ HOSTILE = {
     "204 with a body": answer(b"", body=b"{}", status=b"204 No Content"),
     "304": b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n",
     "connection close": answer(b"Connection: close\r\n"),
+    "status 999": answer(b"", status=b"999 Odd"),
+    "no reason": answer(b"", status=b"200"),
+    "interim first": b"HTTP/1.1 100 Continue\r\n\r\n" + answer(b""),
+    "two content types": answer(b"Content-Type: a/b\r\nContent-Type: c/d\r\n"),
+    "empty body 200": answer(b"", body=b""),
     "empty name": answer(b": v\r\n"),
     "space before colon": answer(b"X-A : v\r\n"),
 }
