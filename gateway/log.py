@@ -42,6 +42,8 @@ ACCESS_FIELDS = (
     "completion_tokens",
     "upstream_request_id",  # only when an APIG error was re-shaped
 )
+# The fields of nearly every line, in order: all but the optional last one.
+STANDARD_FIELDS = ACCESS_FIELDS[:-1]
 
 
 class _RequestIdFilter(logging.Filter):
@@ -124,6 +126,12 @@ class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
             else _Clock("%Y-%m-%d %H:%M:%S", time.localtime)
         )
         self.text = _AccessText()
+        # the text line of the standard fields, as _AccessText makes it for that set
+        self._standard = (
+            "%s,%03d INFO gateway.access [%s] "
+            + " ".join(f"{k}=%s" for k in STANDARD_FIELDS[1:])
+            + "\n"
+        )
         self._pending: list[str] = []  # access lines of this event-loop pass, not yet written
 
     def write_access(self, line: str) -> None:
@@ -158,6 +166,13 @@ class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         self.flush_access()
         super().flush()
+
+    def standard_line(self, values: tuple[Any, ...]) -> str:
+        """:meth:`access_line` of the standard fields given as values, in their order (text
+        format only): no dict to build, look up and take apart again per line."""
+        now = time.time()
+        out: str = self._standard % (self.clock(now), int((now - int(now)) * 1000), *values)
+        return out
 
     def access_line(self, fields: dict[str, Any]) -> str:
         """The line the handler's formatter would make of an access record with ``fields``."""
@@ -249,9 +264,41 @@ def access(**fields: Any) -> None:
 
 def access_fields(fields: dict[str, Any]) -> None:
     """:func:`access` with the fields as a dict of the caller's (not copied again)."""
-    handlers = logging.root.handlers
     if not ACCESS.isEnabledFor(logging.INFO):
         return
+    handler = _own_handler()
+    if handler is not None:
+        try:
+            line = handler.access_line(fields)
+        except Exception:  # a field it cannot format: logging's own handleError reports it
+            pass
+        else:
+            handler.write_access(line)
+            return
+    ACCESS.info("access", extra={"access": fields, "request_id": fields.get("request_id", "-")})
+
+
+def access_standard(values: tuple[Any, ...]) -> None:
+    """:func:`access` with the :data:`STANDARD_FIELDS`' values, in their order: the call of
+    every request (its text line formatted straight from the values)."""
+    if not ACCESS.isEnabledFor(logging.INFO):
+        return
+    handler = _own_handler()
+    if handler is not None and not handler.json:
+        try:
+            line = handler.standard_line(values)
+        except Exception:  # as access_fields: through logging, which reports it
+            pass
+        else:
+            handler.write_access(line)
+            return
+    access_fields(dict(zip(STANDARD_FIELDS, values, strict=True)))
+
+
+def _own_handler() -> _GatewayHandler | None:
+    """The gateway's handler when it alone would take an access record as is (no other handler,
+    filter or level in the way), else None: then the line goes through ``logging``."""
+    handlers = logging.root.handlers
     if len(handlers) == 1 and not ACCESS.handlers and ACCESS.propagate:
         handler = handlers[0]
         if (
@@ -259,11 +306,5 @@ def access_fields(fields: dict[str, Any]) -> None:
             and handler.level <= logging.INFO
             and not handler.filters[1:]
         ):
-            try:
-                line = handler.access_line(fields)
-            except Exception:  # a field it cannot format: logging's own handleError reports it
-                pass
-            else:
-                handler.write_access(line)
-                return
-    ACCESS.info("access", extra={"access": fields, "request_id": fields.get("request_id", "-")})
+            return handler
+    return None

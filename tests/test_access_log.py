@@ -185,3 +185,41 @@ async def test_queued_access_lines_are_written_when_logging_shuts_down(
     gwlog.access(**FIELDS)
     logging.getLogger().handlers[0].flush()  # what logging.shutdown() does at exit
     assert json.loads(stream.getvalue())["request_id"] == "rid-123"
+
+
+STANDARD_VALUES = ("rid-9", "alice", "POST", "/v1/chat/completions", "chat", 200, 12.3, "-", 4567)
+STANDARD_VALUES += ("done", 11, "-")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.usefixtures("restore_logging")
+def test_the_standard_fields_given_as_values_make_the_same_line_as_the_dict(
+    monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """The per-request call (values in STANDARD_FIELDS' order) against the formatters' line of
+    the same fields as a dict, in text and in JSON (which takes the dict path)."""
+    stream = installed(monkeypatch, fmt)
+    fields = dict(zip(gwlog.STANDARD_FIELDS, STANDARD_VALUES, strict=True))
+    gwlog.access_standard(STANDARD_VALUES)
+    (line,) = stream.getvalue().splitlines()
+    expected = formatted(fields)
+    if fmt == "text":
+        assert TEXT_STAMP.match(line)
+        assert line[24:] == expected[24:]
+    else:
+        ours, theirs = json.loads(line), json.loads(expected)
+        ours.pop("time"), theirs.pop("time")
+        assert list(ours.items()) == list(theirs.items())
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_standard_fields_go_through_logging_when_another_handler_listens(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    installed(monkeypatch, "text")
+    logging.getLogger().addHandler(caplog.handler)
+    gwlog.access_standard(STANDARD_VALUES)
+    (record,) = [r for r in caplog.records if r.name == "gateway.access"]
+    assert getattr(record, "access") == dict(  # noqa: B009 - set through `extra`
+        zip(gwlog.STANDARD_FIELDS, STANDARD_VALUES, strict=True)
+    )

@@ -206,3 +206,32 @@ def test_after_settle_startup_objects_are_frozen_and_cyclic_garbage_is_still_col
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+# --- Guard: each Host value's verdict remembered, bounded, never mixed up -----------------
+
+
+def test_remembered_host_verdicts_are_per_value_and_bounded() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.config.model import Listen
+    from gateway.errors import Forbidden
+    from gateway.proxy.guard import Guard
+
+    guard = Guard(Listen(allowed_hosts=("gw.example",)))
+
+    def check(host: str) -> bool:
+        try:
+            guard.check(make_mocked_request("POST", "/v1/x", headers={"Host": host}))
+        except Forbidden:
+            return False
+        return True
+
+    for _ in range(2):  # the second round answers from the memo: the same verdicts
+        assert check("gw.example:8080") and check("127.0.0.1:8080") and check("[::1]:80")
+        assert not check("evil.example") and not check("gw.example.evil.example")
+        assert check("localhost") and not check("127.0.0.1.evil.example")
+    for i in range(3000):  # a client sending a new Host every time cannot grow the memo
+        assert not check(f"h{i}.evil.example")
+    assert len(guard._hosts_seen) <= 1024
+    assert check("gw.example") and not check("evil.example")

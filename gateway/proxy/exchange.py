@@ -117,24 +117,27 @@ def record(metrics: Metrics, request: web.Request, ex: Exchange, now: float) -> 
             m.child(m.tokens, ex.route, ex.key, ex.model, "prompt").inc(usage.prompt)
         if usage.completion:
             m.child(m.tokens, ex.route, ex.key, ex.model, "completion").inc(usage.completion)
-    fields: dict[str, Any] = {
-        "request_id": ex.rid,
-        "key": ex.key,
-        "method": request.method,
+    values = (  # gwlog.STANDARD_FIELDS, in their order
+        ex.rid,
+        ex.key,
+        request.method,
         # raw (still percent-encoded): a decoded %0A must not start a fake log line
-        "path": request.raw_path.split("?", 1)[0][:200],
-        "route": ex.route,
-        "status": ex.status,
-        "duration_ms": _ms(duration),
-        "ttfb_ms": _ms(ex.ttfb) if ex.ttfb is not None else "-",
-        "bytes": ex.bytes,
-        "end": ex.end,
-        "prompt_tokens": "-" if usage.prompt is None else usage.prompt,
-        "completion_tokens": "-" if usage.completion is None else usage.completion,
-    }
+        request.raw_path.split("?", 1)[0][:200],
+        ex.route,
+        ex.status,
+        _ms(duration),
+        _ms(ex.ttfb) if ex.ttfb is not None else "-",
+        ex.bytes,
+        ex.end,
+        "-" if usage.prompt is None else usage.prompt,
+        "-" if usage.completion is None else usage.completion,
+    )
     if ex.upstream_request_id:
+        fields: dict[str, Any] = dict(zip(gwlog.STANDARD_FIELDS, values, strict=True))
         fields["upstream_request_id"] = ex.upstream_request_id
-    gwlog.access_fields(fields)
+        gwlog.access_fields(fields)
+    else:
+        gwlog.access_standard(values)
 
 
 def _ms(seconds: float) -> float:

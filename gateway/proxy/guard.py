@@ -53,6 +53,9 @@ class Guard:
         wildcard_team = listen.host in WILDCARDS and bool(listen.api_keys)
         self.check_host = "*" not in hosts and not (wildcard_team and not listen.allowed_hosts)
         self.any_origin = "*" in self.origins
+        # Host header values seen, and whether each is ours: clients send the same one on every
+        # request (bounded: the value is the client's choice)
+        self._hosts_seen: dict[str, bool] = {}
 
     def allowed_origin(self, request: web.Request) -> str | None:
         """The request's Origin when it is allowed cross-origin (CORS), else None."""
@@ -65,8 +68,7 @@ class Guard:
         """The caller's key (None when no keys are configured); raises 401/403 otherwise."""
         if self.check_host:
             host = request.headers.get("Host")
-            name = _host_name(host) if host is not None else None
-            if name is not None and name not in self.hosts and not is_loopback_host(name):
+            if host is not None and not self._host_allowed(host):
                 raise Forbidden(
                     "this Host is not allowed (add it to listen.allowed_hosts)",
                     code="host_not_allowed",
@@ -78,8 +80,12 @@ class Guard:
                 code="origin_not_allowed",
             )
         # <img src>, <script src>, a top-level GET: no Origin, but the browser marks them
-        site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
-        if site in CROSS_SITE and (origin is None or self.allowed_origin(request) is None):
+        site = request.headers.get("Sec-Fetch-Site")
+        if (
+            site is not None
+            and site.strip().lower() in CROSS_SITE
+            and (origin is None or self.allowed_origin(request) is None)
+        ):
             raise Forbidden(
                 "cross-site requests are not allowed (see listen.allowed_origins)",
                 code="origin_not_allowed",
@@ -91,6 +97,16 @@ class Guard:
             # (Fetch standard, "CORS-preflight request"); the proxy answers it, nothing goes on.
             return None
         return self._key(request.headers.get("Authorization", ""))
+
+    def _host_allowed(self, host: str) -> bool:
+        allowed = self._hosts_seen.get(host)
+        if allowed is None:
+            name = _host_name(host)
+            allowed = name in self.hosts or is_loopback_host(name)
+            if len(self._hosts_seen) >= 1024:
+                self._hosts_seen.clear()
+            self._hosts_seen[host] = allowed
+        return allowed
 
     def _key(self, authorization: str) -> ApiKey:
         scheme, _, presented = authorization.partition(" ")

@@ -216,7 +216,7 @@ class Proxy:
             route = group.routes[0]
             ex.route = route.name
             body = await read_body(request, route.max_body, rt.settings.listen.body_timeout, held)
-            if not _asks_usage(route, request.path):
+            if not _asks_usage(route, request):
                 return route, body
             return route, _edited(route, body, await sniff(body), None, ex, True)
         if len(group.routes) == 1:
@@ -239,7 +239,7 @@ class Proxy:
         ex.route = route.name
         if len(body) > route.max_body:
             raise too_large(len(body), route.max_body)
-        return route, _edited(route, body, info, model, ex, _asks_usage(route, request.path))
+        return route, _edited(route, body, info, model, ex, _asks_usage(route, request))
 
     async def _forward(
         self,
@@ -293,11 +293,12 @@ class Proxy:
         return response
 
 
-def _asks_usage(route: Route, path: str) -> bool:
+def _asks_usage(route: Route, request: web.Request) -> bool:
     """``include_usage`` edits only the OpenAI endpoints that define ``stream_options``
     (``/chat/completions``, ``/completions``): ``/v1/responses`` always reports its usage, and a
     strict server or a custom ``/v1/sse`` image could refuse a member it does not know."""
-    return route.include_usage and path.endswith("/completions")
+    # request.path decodes the target: only for a route that edits usage
+    return route.include_usage and request.path.endswith("/completions")
 
 
 def _edited(
