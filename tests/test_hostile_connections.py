@@ -562,3 +562,19 @@ async def test_after_a_408_the_connection_carries_no_other_request(
     finally:
         writer.close()
     assert recording.received == []
+
+
+async def test_a_header_holding_the_key_sent_in_two_spellings_is_dropped_not_a_500(
+    start: Start, recording: RecordingUpstream
+) -> None:
+    """The key scrub walks the filtered headers by name and drops a name with the gateway's key
+    in it, every spelling at once; sent twice in two spellings (``X-Trace`` holding the key,
+    ``x-trace``), the second spelling's turn found it gone. On multidict 6.x (aiohttp 3.13's
+    range) that raised KeyError: a 500 internal_error for a request the gateway should send."""
+    gw = await start(team=True)
+    data = post(gw, key=KEY, X_Trace=KEY)
+    data = data.replace(b"\r\n\r\n", b"\r\nx-trace: b\r\n\r\n", 1)
+    answer = await raw_exchange(gw.url, data)
+    assert answer is not None and answer.status == 200
+    assert b"x-trace" not in recording.received[0].lower()
+    assert KEY.encode() not in recording.received[0]
