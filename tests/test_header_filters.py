@@ -51,7 +51,7 @@ def reference(
         out.add(name, value)
     if keys:
         for name in list(out.keys()):
-            if any(holds_key(v, keys) for v in out.getall(name)):
+            if any(holds_key(v, keys) for v in out.getall(name, ())):
                 out.popall(name, None)
     for name, value in ABSENT_MEANS if absent else ():
         if name not in out:
