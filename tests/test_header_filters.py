@@ -99,6 +99,6 @@ def test_the_remembered_spellings_stay_bounded() -> None:
 def test_a_name_sent_twice_in_two_spellings_with_keys_configured_is_not_a_500() -> None:
     """The key check walked the names and read each one's values; a name's twin in another
     case had gone with it, and multidict 6 raises KeyError for a name it no longer holds."""
-    headers = CIMultiDictProxy(CIMultiDict([("X-Custom", "a"), ("x-custom", "b"), ("Y", KEY)]))
+    headers = CIMultiDictProxy(CIMultiDict([("X-Custom", KEY), ("x-custom", "b"), ("Y", "c")]))
     out = upstream_request_headers(headers, keys=KEYS)
-    assert out.getall("X-Custom") == ["a", "b"] and "Y" not in out
+    assert "X-Custom" not in out and out["Y"] == "c"  # the name holding a key goes, both spellings
