@@ -155,9 +155,10 @@ class _Connection(asyncio.Protocol):
                 return
             if 100 <= message.code < 200:
                 continue  # an interim answer; the real one follows on the same connection
-            if _CONTROL.search(message.reason) or _CONTROL.search(
-                " ".join(message.headers.values())
-            ):
+            values = " ".join(message.headers.values())
+            if not (values.isprintable() and message.reason.isprintable()) and (
+                _CONTROL.search(values) or _CONTROL.search(message.reason)
+            ):  # (isprintable: the cheap test, true for any head of visible ASCII)
                 self._fail(BadResponse("the upstream sent a control character in its head"))
                 return
             if message.should_close:
