@@ -146,7 +146,7 @@ def upstream_request_headers(
     out = _without(client, _REQUEST_FATES, forwarding=not trust_forwarded)
     if keys:
         for name in list(out.keys()):
-            if any(holds_key(v, keys) for v in out.getall(name)):
+            if any(holds_key(v, keys) for v in out.getall(name, ())):  # gone with a twin
                 out.popall(name, None)
     for name, value in ABSENT_MEANS:
         if name not in out:
