@@ -82,7 +82,9 @@ class _Wake:
     The reader only ever calls ``done()``, ``set_result()`` and ``set_exception()`` on its
     waiter (aiohttp.helpers.set_result / set_exception). The relay's pump runs from the event
     loop right after, not inside the parser's callback: reading the buffer may resume the
-    upstream protocol, which re-enters the parser.
+    upstream protocol, which re-enters the parser. A source whose connection says when a
+    read has been parsed whole (the gateway's own, gateway/http1.py) calls ``ready`` then
+    instead: outside the parser too, and without the loop callback.
     """
 
     __slots__ = ("_call_soon", "_failed", "_pump", "ready")
